@@ -1,0 +1,456 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/images"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/remotes"
+	"github.com/containerd/containerd/v2/core/remotes/docker"
+	"github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/platforms"
+	"go.uber.org/zap"
+	"golang.org/x/sync/semaphore"
+	"google.golang.org/grpc"
+)
+
+// Labels the CRI plugin puts on the image records it manages.
+const (
+	LabelManaged      = "io.cri-containerd.image"
+	LabelManagedValue = "managed"
+	LabelPinned       = "io.cri-containerd.pinned"
+	LabelPinnedValue  = "pinned"
+)
+
+// ErrContainerdUnavailable is returned (wrapped, with the socket path) when the
+// containerd daemon cannot be reached.
+var ErrContainerdUnavailable = errors.New("containerd unreachable")
+
+// Options configure an Agent. Zero values mean the documented defaults.
+type Options struct {
+	// Namespace is containerd's namespace; the CRI uses k8s.io.
+	Namespace string
+	// Snapshotter is "auto" (what the CRI plugin uses) or a snapshotter name.
+	Snapshotter string
+	// HostsDir is the registry host configuration directory (certs.d layout),
+	// the same the CRI plugin reads.
+	HostsDir string
+	// Concurrency bounds how many images are pulled at once (default 4).
+	Concurrency int
+	// MaxConcurrentDownloads bounds layer downloads per image (default 3).
+	MaxConcurrentDownloads int
+	// Credentials returns the username and secret for a registry host, or
+	// empty strings for anonymous access. Nil means anonymous.
+	Credentials func(host string) (string, string, error)
+	// WrapTransport, when set, wraps the HTTP transport of every registry
+	// client (credential refresh on 401, fault handling).
+	WrapTransport func(http.RoundTripper) http.RoundTripper
+	// DiscardLayers lets containerd's GC drop layer blobs once unpacked, like
+	// the CRI's discard_unpacked_layers. Nil means: follow the CRI setting.
+	DiscardLayers *bool
+	// Observer receives per-image events; nil means none.
+	Observer Observer
+}
+
+// Observer receives pull events, for metrics and progress. Methods are called
+// from several goroutines.
+type Observer interface {
+	// PullStarted is called when an image's pull begins.
+	PullStarted(img Image)
+	// PullFinished is called once per image with its outcome.
+	PullFinished(r Result)
+}
+
+// Agent pulls images into containerd the way the CRI would and reports on them.
+type Agent struct {
+	client *containerd.Client
+	log    *zap.Logger
+	opts   Options
+
+	// locker serializes work on the same layer across concurrent pulls, so a
+	// layer shared by several images is fetched and unpacked once.
+	locker *keyedMutex
+
+	snapOnce    sync.Once
+	snapshotter string
+	discard     bool
+	snapErr     error
+}
+
+// Connect dials containerd at address and checks that it answers. Failure
+// wraps ErrContainerdUnavailable and names the socket.
+func Connect(ctx context.Context, address, namespace string) (*containerd.Client, error) {
+	if _, err := os.Stat(address); err != nil {
+		return nil, fmt.Errorf("%w at %s: %v", ErrContainerdUnavailable, address, errors.Unwrap(err))
+	}
+	client, err := containerd.New(address, containerd.WithDefaultNamespace(namespace), containerd.WithTimeout(5*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("%w at %s: %v", ErrContainerdUnavailable, address, err)
+	}
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := client.Version(vctx); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("%w at %s: %v", ErrContainerdUnavailable, address, err)
+	}
+	return client, nil
+}
+
+// New returns an Agent working through client.
+func New(client *containerd.Client, log *zap.Logger, opts Options) *Agent {
+	if opts.Namespace == "" {
+		opts.Namespace = "k8s.io"
+	}
+	if opts.Snapshotter == "" {
+		opts.Snapshotter = "auto"
+	}
+	if opts.Concurrency <= 0 {
+		opts.Concurrency = 4
+	}
+	if opts.MaxConcurrentDownloads <= 0 {
+		opts.MaxConcurrentDownloads = 3
+	}
+	return &Agent{client: client, log: log, opts: opts, locker: newKeyedMutex()}
+}
+
+// Client returns the containerd client the agent works through.
+func (a *Agent) Client() *containerd.Client { return a.client }
+
+// Snapshotter returns the snapshotter images are unpacked into: the flag's
+// value, else what the CRI plugin uses, else overlayfs (logged).
+func (a *Agent) Snapshotter(ctx context.Context) (string, error) {
+	a.snapOnce.Do(func() {
+		var cri CRIInfo
+		criErr := errors.New("containerd client has no gRPC connection")
+		if conn, ok := a.client.Conn().(*grpc.ClientConn); ok {
+			cri, criErr = DetectCRI(a.ctx(ctx), conn)
+		}
+		a.discard = cri.DiscardUnpackedLayers
+		if a.opts.DiscardLayers != nil {
+			a.discard = *a.opts.DiscardLayers
+		}
+		if a.opts.Snapshotter != "auto" {
+			a.snapshotter = a.opts.Snapshotter
+			return
+		}
+		if criErr != nil || cri.Snapshotter == "" {
+			a.snapshotter = "overlayfs"
+			a.log.Warn("cannot tell which snapshotter the CRI plugin uses; unpacking for overlayfs (set --snapshotter to choose)",
+				zap.Error(criErr))
+			return
+		}
+		a.snapshotter = cri.Snapshotter
+		a.log.Info("unpacking for the CRI plugin's snapshotter",
+			zap.String("snapshotter", cri.Snapshotter), zap.String("source", cri.Source))
+	})
+	if a.snapErr != nil {
+		return "", a.snapErr
+	}
+	return a.snapshotter, nil
+}
+
+func (a *Agent) ctx(ctx context.Context) context.Context {
+	return namespaces.WithNamespace(ctx, a.opts.Namespace)
+}
+
+// Result is the outcome of pulling one image.
+type Result struct {
+	Image    Image
+	Digest   string // manifest or index digest the tag resolved to
+	ConfigID string // sha256:<config digest>, the CRI image id
+	// Bytes is what was fetched from registries for this image (0 when
+	// everything was present).
+	Bytes    int64
+	Duration time.Duration
+	Err      error
+	// Reason classifies Err into a bounded set (see Reason).
+	Reason string
+}
+
+// Pull pulls every image, at most Concurrency at once, and returns one Result
+// per image in manifest order. A failing image does not stop the others.
+func (a *Agent) Pull(ctx context.Context, imgs []Image) ([]Result, error) {
+	ctx = a.ctx(ctx)
+	sn, err := a.Snapshotter(ctx)
+	if err != nil {
+		return nil, err
+	}
+	results := make([]Result, len(imgs))
+	sem := semaphore.NewWeighted(int64(a.opts.Concurrency))
+	var wg sync.WaitGroup
+	for i, img := range imgs {
+		if err := sem.Acquire(ctx, 1); err != nil {
+			results[i] = Result{Image: img, Err: fmt.Errorf("pull %s: %w", img.Ref, err), Reason: ReasonOf(err)}
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer sem.Release(1)
+			if a.opts.Observer != nil {
+				a.opts.Observer.PullStarted(img)
+			}
+			results[i] = a.pullOne(ctx, img, sn)
+			if a.opts.Observer != nil {
+				a.opts.Observer.PullFinished(results[i])
+			}
+		}()
+	}
+	wg.Wait()
+	return results, nil
+}
+
+func (a *Agent) pullOne(ctx context.Context, img Image, snapshotter string) Result {
+	start := time.Now()
+	log := a.log.With(zap.String("image", img.Ref))
+	res := Result{Image: img}
+	var fetched atomic.Int64
+	err := a.pull(withByteCounter(ctx, &fetched), img, snapshotter, &res)
+	res.Bytes = fetched.Load()
+	res.Duration = time.Since(start)
+	if err != nil {
+		res.Err = fmt.Errorf("pull %s: %w", img.Ref, err)
+		res.Reason = ReasonOf(err)
+		log.Error("image failed", zap.String("reason", res.Reason), zap.Duration("seconds", res.Duration), zap.Error(err))
+		return res
+	}
+	log.Info("image ready",
+		zap.String("digest", res.Digest), zap.String("id", res.ConfigID),
+		zap.Int64("bytes", res.Bytes), zap.Float64("seconds", res.Duration.Seconds()),
+		zap.Bool("pinned", img.Pin), zap.String("snapshotter", snapshotter))
+	return res
+}
+
+func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Result) error {
+	// One lease for the pull and the records: nothing it fetched can be
+	// collected before the records that reference it exist.
+	ctx, done, err := a.client.WithLease(ctx, leases.WithRandomID(), leases.WithExpiration(24*time.Hour))
+	if err != nil {
+		return wrapUnavailable(fmt.Errorf("create lease: %w", err))
+	}
+	defer func() {
+		if err := done(context.WithoutCancel(ctx)); err != nil {
+			a.log.Warn("release lease", zap.String("image", img.Ref), zap.Error(err))
+		}
+	}()
+
+	labels := criLabels(img.Pin)
+	matcher := a.platformMatcher(img)
+	opts := []containerd.RemoteOpt{
+		containerd.WithResolver(a.resolver(ctx)),
+		containerd.WithPullUnpack,
+		containerd.WithPullSnapshotter(snapshotter),
+		containerd.WithPlatformMatcher(matcher),
+		containerd.WithPullLabels(labels),
+		containerd.WithMaxConcurrentDownloads(a.opts.MaxConcurrentDownloads),
+		containerd.WithUnpackOpts([]containerd.UnpackOpt{
+			containerd.WithUnpackDuplicationSuppressor(a.locker),
+		}),
+	}
+	if a.discard {
+		opts = append(opts, containerd.WithChildLabelMap(images.ChildGCLabelsFilterLayers))
+	}
+	image, err := a.client.Pull(ctx, img.Ref, opts...)
+	if err != nil {
+		return explainPullError(err, img)
+	}
+	target := image.Target()
+	cfg, err := image.Config(ctx)
+	if err != nil {
+		return fmt.Errorf("read image config: %w", err)
+	}
+	res.Digest = target.Digest.String()
+	res.ConfigID = cfg.Digest.String()
+
+	names, err := recordNames(img.Ref, target.Digest.String(), res.ConfigID)
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := a.putRecord(ctx, name, image.Metadata(), labels); err != nil {
+			return wrapUnavailable(fmt.Errorf("create image record %s: %w", name, err))
+		}
+	}
+	return nil
+}
+
+// recordNames are the image records a CRI pull leaves: the id, the tag (when
+// the reference has one) and the digest reference.
+func recordNames(ref, targetDigest, configID string) ([]string, error) {
+	repo, tag, err := splitRef(ref)
+	if err != nil {
+		return nil, err
+	}
+	names := []string{configID}
+	if tag != "" {
+		names = append(names, repo+":"+tag)
+	}
+	return append(names, repo+"@"+targetDigest), nil
+}
+
+// putRecord creates or updates one image record pointing at the pulled
+// target, with the CRI labels. pin:false removes a pinned label left by an
+// earlier run.
+func (a *Agent) putRecord(ctx context.Context, name string, pulled images.Image, labels map[string]string) error {
+	is := a.client.ImageService()
+	rec := images.Image{Name: name, Target: pulled.Target, Labels: labels}
+	for {
+		if _, err := is.Create(ctx, rec); err == nil {
+			return nil
+		} else if !errdefs.IsAlreadyExists(err) {
+			return err
+		}
+		old, err := is.Get(ctx, name)
+		if errdefs.IsNotFound(err) {
+			continue // removed in between: create again
+		} else if err != nil {
+			return err
+		}
+		if old.Target.Digest == rec.Target.Digest &&
+			old.Labels[LabelManaged] == labels[LabelManaged] &&
+			old.Labels[LabelPinned] == labels[LabelPinned] {
+			return nil
+		}
+		_, err = is.Update(ctx, rec, "target", "labels."+LabelManaged, "labels."+LabelPinned)
+		if errdefs.IsNotFound(err) {
+			continue
+		}
+		return err
+	}
+}
+
+func criLabels(pin bool) map[string]string {
+	l := map[string]string{LabelManaged: LabelManagedValue}
+	if pin {
+		l[LabelPinned] = LabelPinnedValue
+	}
+	return l
+}
+
+func (a *Agent) platformMatcher(img Image) platforms.MatchComparer {
+	if img.Platform == "" {
+		return platforms.Default()
+	}
+	p, err := platforms.Parse(img.Platform)
+	if err != nil {
+		// The manifest parser validated it; fall back to the node's.
+		return platforms.Default()
+	}
+	return platforms.Only(p)
+}
+
+// resolver builds a registry resolver that reads the hosts directory exactly
+// as the CRI plugin does (mirrors, CAs, skip_verify, plain-http localhost).
+func (a *Agent) resolver(ctx context.Context) remotes.Resolver {
+	hostOpts := config.HostOptions{
+		Credentials: a.opts.Credentials,
+		UpdateClient: func(c *http.Client) error {
+			if _, done := c.Transport.(*countingTransport); done {
+				return nil
+			}
+			rt := c.Transport
+			if t, ok := rt.(*http.Transport); ok {
+				// The stock transport keeps 2 idle connections per host;
+				// parallel layer fetches want more.
+				t.MaxIdleConnsPerHost = 32
+			}
+			if a.opts.WrapTransport != nil {
+				rt = a.opts.WrapTransport(rt)
+			}
+			c.Transport = &countingTransport{next: rt}
+			return nil
+		},
+	}
+	if a.opts.HostsDir != "" {
+		hostOpts.HostDir = config.HostDirFromRoot(a.opts.HostsDir)
+	}
+	return docker.NewResolver(docker.ResolverOptions{Hosts: config.ConfigureHosts(ctx, hostOpts)})
+}
+
+// explainPullError makes the common failures say what to do.
+func explainPullError(err error, img Image) error {
+	if errdefs.IsNotFound(err) && strings.Contains(err.Error(), "no match for platform") {
+		want := img.Platform
+		if want == "" {
+			want = platforms.DefaultString()
+		}
+		return fmt.Errorf("image has no manifest for platform %s: %w", want, err)
+	}
+	return wrapUnavailable(err)
+}
+
+// wrapUnavailable marks errors that mean the daemon went away.
+func wrapUnavailable(err error) error {
+	if errdefs.IsUnavailable(err) {
+		return fmt.Errorf("%w: %w", ErrContainerdUnavailable, err)
+	}
+	return err
+}
+
+// Summary counts results.
+type Summary struct {
+	Total, Ready, Failed int
+	Bytes                int64
+	Duration             time.Duration
+}
+
+// Summarize counts the results of a pull.
+func Summarize(rs []Result, elapsed time.Duration) Summary {
+	s := Summary{Total: len(rs), Duration: elapsed}
+	for _, r := range rs {
+		s.Bytes += r.Bytes
+		if r.Err != nil {
+			s.Failed++
+		} else {
+			s.Ready++
+		}
+	}
+	return s
+}
+
+// FailedError reports the images that failed, one per line.
+type FailedError struct {
+	Failed []Result
+	Total  int
+}
+
+func (e *FailedError) Error() string {
+	lines := make([]string, 0, len(e.Failed)+1)
+	lines = append(lines, fmt.Sprintf("%d of %d images failed", len(e.Failed), e.Total))
+	sort.SliceStable(e.Failed, func(i, j int) bool { return e.Failed[i].Image.Ref < e.Failed[j].Image.Ref })
+	for _, r := range e.Failed {
+		lines = append(lines, "  "+r.Err.Error())
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Failures returns a *FailedError for the failed results, or nil.
+func Failures(rs []Result) error {
+	var failed []Result
+	for _, r := range rs {
+		if r.Err != nil {
+			failed = append(failed, r)
+		}
+	}
+	if len(failed) == 0 {
+		return nil
+	}
+	for _, r := range failed {
+		if errors.Is(r.Err, ErrContainerdUnavailable) {
+			return fmt.Errorf("%w", r.Err)
+		}
+	}
+	return &FailedError{Failed: failed, Total: len(rs)}
+}

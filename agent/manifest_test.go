@@ -1,0 +1,201 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseManifestYAML(t *testing.T) {
+	t.Parallel()
+	m, err := ParseManifest("m.yaml", []byte(`# comment
+images:
+  - ref: 123456789012.dkr.ecr.us-west-2.amazonaws.com/ml-image:2025.06.1
+  - ref: public.ecr.aws/eks-distro/kubernetes/pause:3.9
+    platform: linux/arm64
+    pin: false
+    warm: false
+  - nginx:1.25
+  - ref: busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000
+    warm:
+      priority: [/bin/busybox]
+settings:
+  concurrency: 8
+  warm_mode: fadvise
+  timeout: 30m
+  warm_block_size: 2MiB
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Image{
+		{Ref: "123456789012.dkr.ecr.us-west-2.amazonaws.com/ml-image:2025.06.1", Pin: true, Warm: true, Source: "m.yaml:3"},
+		{Ref: "public.ecr.aws/eks-distro/kubernetes/pause:3.9", Platform: "linux/arm64", Pin: false, Warm: false, Source: "m.yaml:4"},
+		{Ref: "docker.io/library/nginx:1.25", Pin: true, Warm: true, Source: "m.yaml:8"},
+		{Ref: "docker.io/library/busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000", Pin: true, Warm: true, Priority: []string{"/bin/busybox"}, Source: "m.yaml:9"},
+	}
+	if len(m.Images) != len(want) {
+		t.Fatalf("got %d images, want %d: %+v", len(m.Images), len(want), m.Images)
+	}
+	for i, w := range want {
+		g := m.Images[i]
+		if g.Ref != w.Ref || g.Platform != w.Platform || g.Pin != w.Pin || g.Warm != w.Warm || g.Source != w.Source ||
+			strings.Join(g.Priority, ",") != strings.Join(w.Priority, ",") {
+			t.Errorf("image %d = %+v, want %+v", i, g, w)
+		}
+	}
+	if *m.Settings.Concurrency != 8 || *m.Settings.WarmMode != "fadvise" || *m.Settings.Timeout != 30*time.Minute || *m.Settings.WarmBlockSize != 2<<20 {
+		t.Errorf("settings = %+v", m.Settings)
+	}
+	if len(m.Warnings) != 0 {
+		t.Errorf("unexpected warnings %v", m.Warnings)
+	}
+}
+
+func TestParseManifestPlain(t *testing.T) {
+	t.Parallel()
+	m, err := ParseManifest("images", []byte("# one per line\nnginx:1.25\n\n  registry.k8s.io/pause:3.10  # the sandbox\nlocalhost:5000/app\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var refs []string
+	for _, i := range m.Images {
+		refs = append(refs, i.Ref+"@"+i.Source)
+	}
+	want := "docker.io/library/nginx:1.25@images:2 registry.k8s.io/pause:3.10@images:4 localhost:5000/app:latest@images:5"
+	if got := strings.Join(refs, " "); got != want {
+		t.Errorf("refs = %s\nwant %s", got, want)
+	}
+	if len(m.Warnings) != 1 || !strings.HasPrefix(m.Warnings[0], "images:5: localhost:5000/app has no tag") {
+		t.Errorf("warnings = %q", m.Warnings)
+	}
+}
+
+func TestParseManifestErrors(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name, file, data string
+		want             []string
+	}{
+		{"unknown top key", "m.yaml", "images: [nginx:1]\nimagez: []\n", []string{"m.yaml:2: unknown key \"imagez\""}},
+		{"unknown image key", "m.yaml", "images:\n  - ref: nginx:1\n    pinned: true\n", []string{"m.yaml:3: unknown key \"pinned\""}},
+		{"bad ref", "m.yaml", "images:\n  - ref: nginx:1\n  - ref: Not/Valid:1\n", []string{"m.yaml:3: invalid image reference \"Not/Valid:1\""}},
+		{"scheme", "m.yaml", "images:\n  - ref: https://nginx:1\n", []string{"m.yaml:2: invalid image reference \"https://nginx:1\": a reference has no scheme"}},
+		{"duplicate after normalizing", "m.yaml", "images:\n  - nginx:1\n  - docker.io/library/nginx:1\n", []string{"m.yaml:3: duplicate image docker.io/library/nginx:1 (first at m.yaml:2)"}},
+		{"same ref other platform is fine, bad platform is not", "m.yaml", "images:\n  - ref: nginx:1\n  - ref: nginx:1\n    platform: linux/arm64\n  - ref: nginx:2\n    platform: banana\n", []string{"m.yaml:5: invalid platform \"banana\""}},
+		{"pin not bool", "m.yaml", "images:\n  - ref: nginx:1\n    pin: yes please\n", []string{"m.yaml:3: pin: expected true or false"}},
+		{"bad setting", "m.yaml", "images: [nginx:1]\nsettings:\n  concurrency: -1\n  colour: red\n", []string{"m.yaml:3: concurrency: expected a positive integer", "m.yaml:4: unknown setting \"colour\""}},
+		{"no images", "m.yaml", "images: []\n", []string{"m.yaml: no images"}},
+		{"missing images", "m.yaml", "settings: {concurrency: 2}\n", []string{"m.yaml:1: missing images: list"}},
+		{"plain with spaces", "list.txt", "nginx:1 nginx:2\n", []string{"list.txt:1: expected one image reference per line"}},
+		{"relative priority", "m.yaml", "images:\n  - ref: nginx:1\n    warm:\n      priority: [bin/sh]\n", []string{"m.yaml:4: warm.priority: \"bin/sh\" is not an absolute path"}},
+		{"syntax", "m.yaml", "images:\n  - ref: nginx:1\n   - ref: x\n", []string{"m.yaml:3:"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := ParseManifest(tc.file, []byte(tc.data))
+			var me *ManifestError
+			if !errors.As(err, &me) {
+				t.Fatalf("err = %v, want a *ManifestError", err)
+			}
+			if len(me.Problems) != len(tc.want) {
+				t.Fatalf("problems = %q, want %d like %q", me.Problems, len(tc.want), tc.want)
+			}
+			for i, w := range tc.want {
+				if !strings.HasPrefix(me.Problems[i], w) {
+					t.Errorf("problem %d = %q, want prefix %q", i, me.Problems[i], w)
+				}
+				if strings.Contains(me.Problems[i], "\n") {
+					t.Errorf("problem %d spans lines: %q", i, me.Problems[i])
+				}
+			}
+		})
+	}
+}
+
+func TestNormalizeRef(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		in, want string
+		warn     bool
+		err      bool
+	}{
+		{"nginx", "docker.io/library/nginx:latest", true, false},
+		{"nginx:latest", "docker.io/library/nginx:latest", true, false},
+		{"nginx:1.25", "docker.io/library/nginx:1.25", false, false},
+		{"library/nginx:1", "docker.io/library/nginx:1", false, false},
+		{"quay.io/a/b:c", "quay.io/a/b:c", false, false},
+		{"localhost:5000/x:1", "localhost:5000/x:1", false, false},
+		{"nginx:1@sha256:" + strings.Repeat("a", 64), "docker.io/library/nginx@sha256:" + strings.Repeat("a", 64), false, false},
+		{"", "", false, true},
+		{"upper/CASE:1", "", false, true},
+		{"nginx:bad tag", "", false, true},
+		{"sha256:" + strings.Repeat("a", 64), "", false, true},
+	}
+	for _, tc := range cases {
+		got, warn, err := NormalizeRef(tc.in)
+		if (err != nil) != tc.err || got != tc.want || (warn != "") != tc.warn {
+			t.Errorf("NormalizeRef(%q) = %q, %q, %v; want %q, warn=%v, err=%v", tc.in, got, warn, err, tc.want, tc.warn, tc.err)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]int64{"1048576": 1 << 20, "1MiB": 1 << 20, "512k": 512 << 10, "2G": 2 << 30, "1.5M": 3 << 19} {
+		if got, err := ParseSize(in); err != nil || got != want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "abc", "1XB", "-5"} {
+		if _, err := ParseSize(bad); err == nil {
+			t.Errorf("ParseSize(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestRecordNames(t *testing.T) {
+	t.Parallel()
+	d := "sha256:" + strings.Repeat("b", 64)
+	got, err := recordNames("docker.io/library/nginx:1.25", d, "sha256:cfg")
+	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx:1.25 docker.io/library/nginx@"+d {
+		t.Errorf("recordNames(tag) = %v, %v", got, err)
+	}
+	got, err = recordNames("docker.io/library/nginx@"+d, d, "sha256:cfg")
+	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx@"+d {
+		t.Errorf("recordNames(digest) = %v, %v", got, err)
+	}
+}
+
+func TestKeyedMutex(t *testing.T) {
+	t.Parallel()
+	k := newKeyedMutex()
+	ctx := t.Context()
+	if err := k.Lock(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Lock(ctx, "b"); err != nil {
+		t.Fatal("a different key must not block:", err)
+	}
+	cctx, cancel := contextWithCancel(ctx)
+	cancel()
+	if err := k.Lock(cctx, "a"); err == nil {
+		t.Fatal("locking a held key with a cancelled context must fail")
+	}
+	k.Unlock("a")
+	k.Unlock("b")
+	if err := k.Lock(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	k.Unlock("a")
+	if len(k.locks) != 0 {
+		t.Errorf("locks leaked: %v", k.locks)
+	}
+}
+
+func contextWithCancel(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithCancel(ctx)
+}

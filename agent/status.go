@@ -1,0 +1,106 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/errdefs"
+)
+
+// Status is what the node holds for one manifest image.
+type Status struct {
+	Ref         string   `json:"ref"`
+	Platform    string   `json:"platform,omitempty"`
+	Digest      string   `json:"digest,omitempty"`
+	ID          string   `json:"id,omitempty"`
+	Size        int64    `json:"size"`
+	Present     bool     `json:"present"`
+	Unpacked    bool     `json:"unpacked"`
+	Pinned      bool     `json:"pinned"`
+	WantPin     bool     `json:"wantPin"`
+	Snapshotter string   `json:"snapshotter"`
+	Ready       bool     `json:"ready"`
+	Problems    []string `json:"problems,omitempty"`
+}
+
+// Inspect reports, for each image, whether kubelet would use it without a
+// network pull: the tag, digest and id records exist and agree, carry the CRI
+// labels (pinned where asked), and the image is unpacked for the snapshotter.
+func (a *Agent) Inspect(ctx context.Context, imgs []Image) ([]Status, error) {
+	ctx = a.ctx(ctx)
+	sn, err := a.Snapshotter(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Status, 0, len(imgs))
+	for _, img := range imgs {
+		st, err := a.inspect(ctx, img, sn)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, st)
+	}
+	return out, nil
+}
+
+func (a *Agent) inspect(ctx context.Context, img Image, sn string) (Status, error) {
+	st := Status{Ref: img.Ref, Platform: img.Platform, WantPin: img.Pin, Snapshotter: sn}
+	is := a.client.ImageService()
+	rec, err := is.Get(ctx, img.Ref)
+	if errdefs.IsNotFound(err) {
+		st.Problems = append(st.Problems, "not present")
+		return st, nil
+	} else if err != nil {
+		return st, wrapUnavailable(fmt.Errorf("get image %s: %w", img.Ref, err))
+	}
+	st.Present = true
+	st.Digest = rec.Target.Digest.String()
+	image := containerd.NewImageWithPlatform(a.client, rec, a.platformMatcher(img))
+	cfg, err := image.Config(ctx)
+	if err != nil {
+		st.Problems = append(st.Problems, fmt.Sprintf("manifest or config unreadable: %v", err))
+		return st, nil
+	}
+	st.ID = cfg.Digest.String()
+	if size, err := image.Size(ctx); err == nil {
+		st.Size = size
+	}
+	names, err := recordNames(img.Ref, st.Digest, st.ID)
+	if err != nil {
+		return st, err
+	}
+	st.Pinned = true
+	for _, name := range names {
+		r, err := is.Get(ctx, name)
+		if errdefs.IsNotFound(err) {
+			st.Problems = append(st.Problems, "missing record "+name)
+			st.Pinned = false
+			continue
+		} else if err != nil {
+			return st, wrapUnavailable(fmt.Errorf("get image %s: %w", name, err))
+		}
+		if r.Target.Digest != rec.Target.Digest {
+			st.Problems = append(st.Problems, fmt.Sprintf("record %s points at %s, not %s", name, r.Target.Digest, rec.Target.Digest))
+		}
+		if r.Labels[LabelManaged] != LabelManagedValue {
+			st.Problems = append(st.Problems, fmt.Sprintf("record %s lacks %s=%s", name, LabelManaged, LabelManagedValue))
+		}
+		if r.Labels[LabelPinned] != LabelPinnedValue {
+			st.Pinned = false
+		}
+	}
+	if img.Pin && !st.Pinned {
+		st.Problems = append(st.Problems, "not pinned")
+	}
+	unpacked, err := image.IsUnpacked(ctx, sn)
+	if err != nil {
+		st.Problems = append(st.Problems, fmt.Sprintf("unpack state for %s: %v", sn, err))
+	}
+	st.Unpacked = unpacked
+	if !unpacked && err == nil {
+		st.Problems = append(st.Problems, "not unpacked for snapshotter "+sn)
+	}
+	st.Ready = len(st.Problems) == 0
+	return st, nil
+}

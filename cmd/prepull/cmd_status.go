@@ -1,0 +1,126 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/prepull/prepull/agent"
+)
+
+func newStatusCmd(g *globals) *cobra.Command {
+	var (
+		f      imageFlags
+		output string
+	)
+	cmd := &cobra.Command{
+		Use:   "status [--manifest FILE | --image REF ...] [--output table|json]",
+		Short: "Show, per image, whether it is present, unpacked and pinned",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			g.ran = true
+			if output != "table" && output != "json" {
+				return usagef("--output %q: want table or json", output)
+			}
+			m, err := f.load(cmd, g)
+			if err != nil {
+				return err
+			}
+			sts, err := inspect(cmd, g, m)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				enc := json.NewEncoder(g.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(sts)
+			}
+			tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "IMAGE\tDIGEST\tSIZE\tPRESENT\tUNPACKED\tPINNED\tSNAPSHOTTER\tREADY")
+			for _, s := range sts {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Ref, shortDigest(s.Digest), humanBytes(s.Size),
+					yesNo(s.Present), yesNo(s.Unpacked), pinText(s), s.Snapshotter, yesNo(s.Ready))
+			}
+			return tw.Flush()
+		},
+	}
+	addImageFlags(cmd, &f)
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	return cmd
+}
+
+func newVerifyCmd(g *globals) *cobra.Command {
+	var f imageFlags
+	cmd := &cobra.Command{
+		Use:   "verify [--manifest FILE | --image REF ...]",
+		Short: "Exit 0 iff every image is present, unpacked for the CRI snapshotter, and pinned where asked",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			g.ran = true
+			m, err := f.load(cmd, g)
+			if err != nil {
+				return err
+			}
+			sts, err := inspect(cmd, g, m)
+			if err != nil {
+				return err
+			}
+			var notReady []string
+			for _, s := range sts {
+				if s.Ready {
+					fmt.Fprintf(g.stdout, "ready      %s\n", s.Ref)
+					continue
+				}
+				fmt.Fprintf(g.stdout, "NOT READY  %s: %s\n", s.Ref, strings.Join(s.Problems, "; "))
+				notReady = append(notReady, s.Ref)
+			}
+			if len(notReady) > 0 {
+				return fmt.Errorf("%d of %d images not ready: %s", len(notReady), len(sts), strings.Join(notReady, ", "))
+			}
+			return nil
+		},
+	}
+	addImageFlags(cmd, &f)
+	return cmd
+}
+
+func inspect(cmd *cobra.Command, g *globals, m *agent.Manifest) ([]agent.Status, error) {
+	ctx, cancel := g.withTimeout(cmd.Context())
+	defer cancel()
+	client, err := g.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	a, err := g.newAgent(client)
+	if err != nil {
+		return nil, err
+	}
+	sts, err := a.Inspect(ctx, m.Images)
+	if err != nil && !errors.Is(err, agent.ErrContainerdUnavailable) {
+		return nil, fmt.Errorf("inspect images: %w", err)
+	}
+	return sts, err
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func pinText(s agent.Status) string {
+	switch {
+	case s.Pinned:
+		return "yes"
+	case s.WantPin:
+		return "NO"
+	default:
+		return "no (pin: false)"
+	}
+}

@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	ctrdlog "github.com/containerd/log"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"golang.org/x/term"
+
+	"github.com/prepull/prepull/agent"
+)
+
+// globals holds the global flags and what every command shares.
+type globals struct {
+	stdout, stderr io.Writer
+
+	containerdAddress string
+	namespace         string
+	snapshotter       string
+	hostsDir          string
+	concurrency       int
+	metricsAddr       string
+	textfile          string
+	logFormat         string
+	logLevel          string
+	timeout           time.Duration
+	dockerConfig      string
+
+	logger *zap.Logger
+	// ran is set once a command's RunE starts: errors before it are usage errors.
+	ran bool
+}
+
+// imageFlags selects images: --manifest FILE or --image REF...
+type imageFlags struct {
+	manifest string
+	images   []string
+}
+
+func newRootCmd(g *globals) *cobra.Command {
+	root := &cobra.Command{
+		Use:   "prepull",
+		Short: "Pull, pin and warm container images into containerd for kubelet",
+		Long: `prepull reads a manifest of container images, pulls them into containerd's k8s.io
+namespace in parallel, records and pins them the way kubelet's CRI pulls do, and
+pre-reads their unpacked files so the first container start is fast.
+
+Every global flag can also be set as an environment variable PREPULL_<NAME>
+(e.g. PREPULL_CONTAINERD_ADDRESS); flags win over the environment, the
+environment over the manifest's settings.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if err := applyEnv(cmd.Flags()); err != nil {
+				return err
+			}
+			return g.setupLogger()
+		},
+	}
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &usageError{err: err} })
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.containerdAddress, "containerd-address", "/run/containerd/containerd.sock", "containerd socket")
+	pf.StringVar(&g.namespace, "namespace", "k8s.io", "containerd namespace (the CRI uses k8s.io)")
+	pf.StringVar(&g.snapshotter, "snapshotter", "auto", "snapshotter to unpack into; auto: the one the CRI plugin uses")
+	pf.StringVar(&g.hostsDir, "hosts-dir", "/etc/containerd/certs.d", "registry host config directory (hosts.toml), as the CRI reads it")
+	pf.IntVar(&g.concurrency, "concurrency", 4, "images pulled at once")
+	pf.StringVar(&g.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address while running (e.g. :9781)")
+	pf.StringVar(&g.textfile, "textfile", "", "write metrics to this node_exporter textfile at the end of a run")
+	pf.StringVar(&g.logFormat, "log-format", "auto", "log format: auto (console on a terminal, else json), json, console")
+	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	pf.DurationVar(&g.timeout, "timeout", 0, "give up on the whole command after this long (0: no limit)")
+	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
+
+	root.AddCommand(
+		newPullCmd(g, "run", "Pull, then warm the images: the main job"),
+		newPullCmd(g, "pull", "Pull the images only"),
+		newVerifyCmd(g),
+		newStatusCmd(g),
+		newVersionCmd(g),
+	)
+	return root
+}
+
+// applyEnv sets every flag not given on the command line from PREPULL_<NAME>.
+func applyEnv(fs *pflag.FlagSet) error {
+	var err error
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Changed || err != nil {
+			return
+		}
+		env := "PREPULL_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		v, ok := os.LookupEnv(env)
+		if !ok || v == "" {
+			return
+		}
+		if f.Value.Type() == "stringArray" || f.Value.Type() == "stringSlice" {
+			for _, item := range strings.Split(v, ",") {
+				if item = strings.TrimSpace(item); item != "" {
+					if e := fs.Set(f.Name, item); e != nil {
+						err = usagef("%s: %v", env, e)
+						return
+					}
+				}
+			}
+			return
+		}
+		if e := fs.Set(f.Name, v); e != nil {
+			err = usagef("%s=%q: %v", env, v, e)
+		}
+	})
+	return err
+}
+
+func (g *globals) setupLogger() error {
+	level, err := zapcore.ParseLevel(g.logLevel)
+	if err != nil {
+		return usagef("--log-level: %v", err)
+	}
+	format := g.logFormat
+	if format == "auto" {
+		format = "json"
+		if f, ok := g.stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+			format = "console"
+		}
+	}
+	encCfg := zap.NewProductionEncoderConfig()
+	encCfg.TimeKey = "ts"
+	encCfg.EncodeTime = zapcore.ISO8601TimeEncoder
+	var enc zapcore.Encoder
+	switch format {
+	case "json":
+		enc = zapcore.NewJSONEncoder(encCfg)
+	case "console":
+		encCfg.EncodeLevel = zapcore.CapitalColorLevelEncoder
+		encCfg.EncodeTime = zapcore.TimeEncoderOfLayout("15:04:05")
+		enc = zapcore.NewConsoleEncoder(encCfg)
+	default:
+		return usagef("--log-format %q: want auto, json or console", g.logFormat)
+	}
+	g.logger = zap.New(zapcore.NewCore(enc, zapcore.AddSync(g.stderr), level))
+	// containerd's client logs through logrus; keep its chatter (HTTPS-first
+	// notices for localhost registries, per-request retries) at debug level.
+	ctrdLevel := "warn"
+	if level == zapcore.DebugLevel {
+		ctrdLevel = "debug"
+	}
+	if err := ctrdlog.SetLevel(ctrdLevel); err != nil {
+		return err
+	}
+	ctrdlog.L.Logger.SetOutput(g.stderr)
+	if format == "json" {
+		_ = ctrdlog.SetFormat(ctrdlog.JSONFormat)
+	}
+	return nil
+}
+
+func addImageFlags(cmd *cobra.Command, f *imageFlags) {
+	cmd.Flags().StringVar(&f.manifest, "manifest", "", "manifest file (YAML, or one image reference per line)")
+	cmd.Flags().StringArrayVar(&f.images, "image", nil, "image reference (repeatable), instead of --manifest")
+}
+
+// load reads the images to work on and applies the manifest's settings to
+// flags that neither the command line nor the environment set.
+func (f *imageFlags) load(cmd *cobra.Command, g *globals) (*agent.Manifest, error) {
+	var (
+		m   *agent.Manifest
+		err error
+	)
+	switch {
+	case f.manifest != "" && len(f.images) > 0:
+		return nil, usagef("give --manifest or --image, not both")
+	case f.manifest != "":
+		m, err = agent.LoadManifest(f.manifest)
+	case len(f.images) > 0:
+		m, err = agent.ImagesFromRefs(f.images)
+	default:
+		return nil, usagef("no images: give --manifest FILE or --image REF")
+	}
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range m.Warnings {
+		g.logger.Warn("manifest warning", zap.String("warning", w))
+	}
+	fs := cmd.Flags()
+	s := m.Settings
+	setIfUnset(fs, "concurrency", s.Concurrency)
+	setIfUnset(fs, "snapshotter", s.Snapshotter)
+	setIfUnset(fs, "timeout", s.Timeout)
+	setIfUnset(fs, "warm-mode", s.WarmMode)
+	setIfUnset(fs, "warm-workers", s.WarmWorkers)
+	setIfUnset(fs, "warm-block-size", s.WarmBlockSize)
+	setIfUnset(fs, "warm-rate", s.WarmRate)
+	setIfUnset(fs, "warm-budget", s.WarmBudget)
+	setIfUnset(fs, "interval", s.Interval)
+	return m, nil
+}
+
+func setIfUnset[T any](fs *pflag.FlagSet, name string, v *T) {
+	if v == nil {
+		return
+	}
+	f := fs.Lookup(name)
+	if f == nil || f.Changed {
+		return
+	}
+	_ = fs.Set(name, fmt.Sprint(*v))
+}
+
+// connect dials containerd; failure maps to exit code 3.
+func (g *globals) connect(ctx context.Context) (*containerd.Client, error) {
+	return agent.Connect(ctx, g.containerdAddress, g.namespace)
+}
+
+// withTimeout applies --timeout to ctx.
+func (g *globals) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if g.timeout > 0 {
+		return context.WithTimeout(ctx, g.timeout)
+	}
+	return context.WithCancel(ctx)
+}
+
+// newAgent builds the agent with the global settings.
+func (g *globals) newAgent(client *containerd.Client) (*agent.Agent, error) {
+	if g.concurrency <= 0 {
+		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
+	}
+	creds, err := newCredentials(g)
+	if err != nil {
+		return nil, err
+	}
+	return agent.New(client, g.logger.Named("agent"), agent.Options{
+		Namespace:   g.namespace,
+		Snapshotter: g.snapshotter,
+		HostsDir:    g.hostsDir,
+		Concurrency: g.concurrency,
+		Credentials: creds,
+	}), nil
+}

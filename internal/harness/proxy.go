@@ -1,0 +1,131 @@
+package harness
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"regexp"
+	"sync"
+)
+
+// Request is one request the proxy forwarded or answered.
+type Request struct {
+	Method string
+	Path   string
+	Status int
+}
+
+// Proxy is a plain-HTTP reverse proxy on loopback in front of a registry. It
+// records every request, so tests can count blob fetches, and can inject
+// faults.
+type Proxy struct {
+	// Host is the proxy's host:port; pull through it as a localhost registry.
+	Host string
+
+	srv   *httptest.Server
+	mu    sync.Mutex
+	reqs  []Request
+	fault func(w http.ResponseWriter, r *http.Request) bool
+}
+
+// NewProxy starts a proxy to the registry at target (http or https URL);
+// pool, if set, verifies an HTTPS target.
+func NewProxy(target string, pool *x509.CertPool) (*Proxy, error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, err
+	}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: pool}
+	tr.MaxIdleConnsPerHost = 64
+	rp.Transport = tr
+	p := &Proxy{}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	p.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		defer func() {
+			p.mu.Lock()
+			p.reqs = append(p.reqs, Request{Method: r.Method, Path: r.URL.Path, Status: rec.status})
+			p.mu.Unlock()
+		}()
+		p.mu.Lock()
+		fault := p.fault
+		p.mu.Unlock()
+		if fault != nil && fault(rec, r) {
+			return
+		}
+		r.Host = u.Host
+		rp.ServeHTTP(rec, r)
+	}))
+	p.srv.Listener.Close()
+	p.srv.Listener = l
+	p.srv.Start()
+	p.Host = l.Addr().String()
+	return p, nil
+}
+
+// SetFault installs fn, called before forwarding each request; when it
+// returns true it has answered the request itself. nil removes it.
+func (p *Proxy) SetFault(fn func(w http.ResponseWriter, r *http.Request) bool) {
+	p.mu.Lock()
+	p.fault = fn
+	p.mu.Unlock()
+}
+
+// Requests returns the requests so far.
+func (p *Proxy) Requests() []Request {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]Request(nil), p.reqs...)
+}
+
+// Reset forgets recorded requests.
+func (p *Proxy) Reset() {
+	p.mu.Lock()
+	p.reqs = nil
+	p.mu.Unlock()
+}
+
+var blobPath = regexp.MustCompile(`^/v2/.+/blobs/(sha256:[a-f0-9]{64})$`)
+
+// BlobGETs counts successful GETs per blob digest.
+func (p *Proxy) BlobGETs() map[string]int {
+	out := map[string]int{}
+	for _, r := range p.Requests() {
+		if m := blobPath.FindStringSubmatch(r.Path); m != nil && r.Method == http.MethodGet && r.Status < 300 {
+			out[m[1]]++
+		}
+	}
+	return out
+}
+
+// Close stops the proxy.
+func (p *Proxy) Close() { p.srv.Close() }
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the connection (for faults that
+// hijack it).
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
