@@ -49,8 +49,18 @@ type Options struct {
 	HostsDir string
 	// Concurrency bounds how many images are pulled at once (default 4).
 	Concurrency int
-	// MaxConcurrentDownloads bounds layer downloads per image (default 3).
+	// MaxConcurrentDownloads bounds layer downloads per image, and the
+	// parallel ranged requests per layer when LayerChunkSize is set (default 3).
 	MaxConcurrentDownloads int
+	// LayerChunkSize, when ≥ 512, fetches large layers as parallel ranged
+	// requests of this size (containerd's ConcurrentLayerFetchBuffer).
+	LayerChunkSize int
+	// DownloadLimit bounds blob requests in flight across all images
+	// (0: no global bound).
+	DownloadLimit int
+	// UnpackLimit bounds layer applies in flight across all images
+	// (0: no global bound).
+	UnpackLimit int
 	// Credentials returns the username and secret for a registry host, or
 	// empty strings for anonymous access. Nil means anonymous.
 	Credentials func(host string) (string, string, error)
@@ -82,6 +92,9 @@ type Agent struct {
 	// locker serializes work on the same layer across concurrent pulls, so a
 	// layer shared by several images is fetched and unpacked once.
 	locker *keyedMutex
+	// downloads and unpacks are shared by all pulls (nil: unbounded).
+	downloads *semaphore.Weighted
+	unpacks   *semaphore.Weighted
 
 	snapOnce    sync.Once
 	snapshotter string
@@ -122,7 +135,14 @@ func New(client *containerd.Client, log *zap.Logger, opts Options) *Agent {
 	if opts.MaxConcurrentDownloads <= 0 {
 		opts.MaxConcurrentDownloads = 3
 	}
-	return &Agent{client: client, log: log, opts: opts, locker: newKeyedMutex()}
+	a := &Agent{client: client, log: log, opts: opts, locker: newKeyedMutex()}
+	if opts.DownloadLimit > 0 {
+		a.downloads = semaphore.NewWeighted(int64(opts.DownloadLimit))
+	}
+	if opts.UnpackLimit > 0 {
+		a.unpacks = semaphore.NewWeighted(int64(opts.UnpackLimit))
+	}
+	return a
 }
 
 // Client returns the containerd client the agent works through.
@@ -255,9 +275,17 @@ func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Re
 		containerd.WithPlatformMatcher(matcher),
 		containerd.WithPullLabels(labels),
 		containerd.WithMaxConcurrentDownloads(a.opts.MaxConcurrentDownloads),
-		containerd.WithUnpackOpts([]containerd.UnpackOpt{
-			containerd.WithUnpackDuplicationSuppressor(a.locker),
-		}),
+	}
+	unpackOpts := []containerd.UnpackOpt{containerd.WithUnpackDuplicationSuppressor(a.locker)}
+	if a.unpacks != nil {
+		unpackOpts = append(unpackOpts, containerd.WithUnpackLimiter(a.unpacks))
+	}
+	opts = append(opts, containerd.WithUnpackOpts(unpackOpts))
+	if a.opts.LayerChunkSize >= 512 {
+		opts = append(opts, containerd.WithConcurrentLayerFetchBuffer(a.opts.LayerChunkSize))
+	}
+	if a.downloads != nil {
+		opts = append(opts, containerd.WithDownloadLimiter(a.downloads))
 	}
 	if a.discard {
 		opts = append(opts, containerd.WithChildLabelMap(images.ChildGCLabelsFilterLayers))

@@ -34,6 +34,11 @@ type globals struct {
 	logLevel          string
 	timeout           time.Duration
 	dockerConfig      string
+	maxDownloads      int
+	downloadLimit     int
+	unpackLimit       int
+	layerChunkSize    string
+	discardLayers     string
 
 	logger *zap.Logger
 	// ran is set once a command's RunE starts: errors before it are usage errors.
@@ -78,6 +83,11 @@ environment over the manifest's settings.`,
 	pf.StringVar(&g.logFormat, "log-format", "auto", "log format: auto (console on a terminal, else json), json, console")
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.DurationVar(&g.timeout, "timeout", 0, "give up on the whole command after this long (0: no limit)")
+	pf.IntVar(&g.maxDownloads, "max-downloads", 3, "layer downloads at once per image (and ranged requests per layer with --layer-chunk-size)")
+	pf.IntVar(&g.downloadLimit, "download-limit", 0, "blob downloads at once across all images (0: no bound beyond --concurrency × --max-downloads)")
+	pf.IntVar(&g.unpackLimit, "unpack-limit", 0, "layer unpacks at once across all images (0: no bound)")
+	pf.StringVar(&g.layerChunkSize, "layer-chunk-size", "0", "fetch big layers as parallel ranged requests of this size, e.g. 16MiB (0: one stream per layer)")
+	pf.StringVar(&g.discardLayers, "discard-layers", "auto", "let containerd GC layer blobs once unpacked: auto (as the CRI's discard_unpacked_layers), true, false")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
@@ -86,6 +96,7 @@ environment over the manifest's settings.`,
 		newVerifyCmd(g),
 		newStatusCmd(g),
 		newVersionCmd(g),
+		newManifestCmd(g), newLintCmd(g),
 	)
 	return root
 }
@@ -234,15 +245,36 @@ func (g *globals) newAgent(client *containerd.Client) (*agent.Agent, error) {
 	if g.concurrency <= 0 {
 		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
 	}
+	chunk, err := agent.ParseSize(g.layerChunkSize)
+	if err != nil {
+		return nil, usagef("--layer-chunk-size: %v", err)
+	}
+	var discard *bool
+	switch g.discardLayers {
+	case "auto":
+	case "true", "false":
+		b := g.discardLayers == "true"
+		discard = &b
+	default:
+		return nil, usagef("--discard-layers %q: want auto, true or false", g.discardLayers)
+	}
+	if g.maxDownloads <= 0 || g.downloadLimit < 0 || g.unpackLimit < 0 {
+		return nil, usagef("--max-downloads must be positive and --download-limit/--unpack-limit not negative")
+	}
 	creds, err := newCredentials(g)
 	if err != nil {
 		return nil, err
 	}
 	return agent.New(client, g.logger.Named("agent"), agent.Options{
-		Namespace:   g.namespace,
-		Snapshotter: g.snapshotter,
-		HostsDir:    g.hostsDir,
-		Concurrency: g.concurrency,
-		Credentials: creds,
+		Namespace:              g.namespace,
+		Snapshotter:            g.snapshotter,
+		HostsDir:               g.hostsDir,
+		Concurrency:            g.concurrency,
+		MaxConcurrentDownloads: g.maxDownloads,
+		LayerChunkSize:         int(chunk),
+		DownloadLimit:          g.downloadLimit,
+		UnpackLimit:            g.unpackLimit,
+		DiscardLayers:          discard,
+		Credentials:            creds,
 	}), nil
 }
