@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"go.uber.org/zap"
 	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
@@ -96,6 +97,10 @@ type Agent struct {
 	downloads *semaphore.Weighted
 	unpacks   *semaphore.Weighted
 
+	// inflight tracks pulls in progress, for progress reporting.
+	inflightMu sync.Mutex
+	inflight   map[string]*pullState
+
 	snapOnce    sync.Once
 	snapshotter string
 	discard     bool
@@ -135,7 +140,7 @@ func New(client *containerd.Client, log *zap.Logger, opts Options) *Agent {
 	if opts.MaxConcurrentDownloads <= 0 {
 		opts.MaxConcurrentDownloads = 3
 	}
-	a := &Agent{client: client, log: log, opts: opts, locker: newKeyedMutex()}
+	a := &Agent{client: client, log: log, opts: opts, locker: newKeyedMutex(), inflight: map[string]*pullState{}}
 	if opts.DownloadLimit > 0 {
 		a.downloads = semaphore.NewWeighted(int64(opts.DownloadLimit))
 	}
@@ -236,9 +241,18 @@ func (a *Agent) pullOne(ctx context.Context, img Image, snapshotter string) Resu
 	start := time.Now()
 	log := a.log.With(zap.String("image", img.Ref))
 	res := Result{Image: img}
-	var fetched atomic.Int64
-	err := a.pull(withByteCounter(ctx, &fetched), img, snapshotter, &res)
-	res.Bytes = fetched.Load()
+	st := &pullState{ref: img.Ref, started: start}
+	key := img.Ref + "|" + img.Platform
+	a.inflightMu.Lock()
+	a.inflight[key] = st
+	a.inflightMu.Unlock()
+	defer func() {
+		a.inflightMu.Lock()
+		delete(a.inflight, key)
+		a.inflightMu.Unlock()
+	}()
+	err := a.pull(withByteCounter(ctx, &st.fetched), img, snapshotter, &res, st)
+	res.Bytes = st.fetched.Load()
 	res.Duration = time.Since(start)
 	if err != nil {
 		res.Err = fmt.Errorf("pull %s: %w", img.Ref, err)
@@ -253,7 +267,7 @@ func (a *Agent) pullOne(ctx context.Context, img Image, snapshotter string) Resu
 	return res
 }
 
-func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Result) error {
+func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Result, st *pullState) error {
 	// One lease for the pull and the records: nothing it fetched can be
 	// collected before the records that reference it exist.
 	ctx, done, err := a.client.WithLease(ctx, leases.WithRandomID(), leases.WithExpiration(24*time.Hour))
@@ -275,6 +289,7 @@ func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Re
 		containerd.WithPlatformMatcher(matcher),
 		containerd.WithPullLabels(labels),
 		containerd.WithMaxConcurrentDownloads(a.opts.MaxConcurrentDownloads),
+		containerd.WithImageHandlerWrapper(st.countLayers),
 	}
 	unpackOpts := []containerd.UnpackOpt{containerd.WithUnpackDuplicationSuppressor(a.locker)}
 	if a.unpacks != nil {
@@ -302,7 +317,7 @@ func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Re
 	res.Digest = target.Digest.String()
 	res.ConfigID = cfg.Digest.String()
 
-	names, err := recordNames(img.Ref, target.Digest.String(), res.ConfigID)
+	names, err := recordNames(img, target.Digest.String(), res.ConfigID)
 	if err != nil {
 		return err
 	}
@@ -314,12 +329,60 @@ func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Re
 	return nil
 }
 
+// pullState is one pull in flight.
+type pullState struct {
+	ref     string
+	started time.Time
+	fetched atomic.Int64 // bytes received from registries
+	total   atomic.Int64 // compressed size of the platform manifest's layers
+}
+
+// countLayers adds up the layer sizes of the manifests the pull walks, so
+// progress has a total (layers already unpacked count but are not fetched).
+func (st *pullState) countLayers(h images.Handler) images.Handler {
+	return images.HandlerFunc(func(ctx context.Context, desc ocispec.Descriptor) ([]ocispec.Descriptor, error) {
+		children, err := h.Handle(ctx, desc)
+		if err == nil && images.IsManifestType(desc.MediaType) {
+			for _, c := range children {
+				if images.IsLayerType(c.MediaType) {
+					st.total.Add(c.Size)
+				}
+			}
+		}
+		return children, err
+	})
+}
+
+// Progress is the state of one pull in flight.
+type Progress struct {
+	Ref     string
+	Fetched int64
+	Total   int64
+	Started time.Time
+}
+
+// InFlight returns the pulls in progress, sorted by reference.
+func (a *Agent) InFlight() []Progress {
+	a.inflightMu.Lock()
+	out := make([]Progress, 0, len(a.inflight))
+	for _, st := range a.inflight {
+		out = append(out, Progress{Ref: st.ref, Fetched: st.fetched.Load(), Total: st.total.Load(), Started: st.started})
+	}
+	a.inflightMu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })
+	return out
+}
+
 // recordNames are the image records a CRI pull leaves: the id, the tag (when
-// the reference has one) and the digest reference.
-func recordNames(ref, targetDigest, configID string) ([]string, error) {
-	repo, tag, err := splitRef(ref)
+// the reference has one, or the manifest kept it from repo:tag@digest) and
+// the digest reference.
+func recordNames(img Image, targetDigest, configID string) ([]string, error) {
+	repo, tag, err := splitRef(img.Ref)
 	if err != nil {
 		return nil, err
+	}
+	if tag == "" {
+		tag = img.Tag
 	}
 	names := []string{configID}
 	if tag != "" {

@@ -30,6 +30,10 @@ type Image struct {
 	Ref string `json:"ref"`
 	// Written is the reference as the manifest wrote it.
 	Written string `json:"-"`
+	// Tag is kept from a "repo:tag@sha256:..." reference (normalizing drops
+	// it): the image is pulled by digest and a repo:tag record is created
+	// too, because a pod that names the tag makes kubelet look that up.
+	Tag string `json:"tag,omitempty"`
 	// Platform is the normalized platform ("linux/arm64"), empty for the node's.
 	Platform string `json:"platform,omitempty"`
 	// Pin asks for io.cri-containerd.pinned=pinned so kubelet image GC keeps it.
@@ -420,6 +424,12 @@ func (p *parser) add(src string, img Image) {
 		return
 	}
 	img.Ref = ref
+	if parsed, err := reference.ParseNormalizedNamed(img.Written); err == nil {
+		_, digested := parsed.(reference.Digested)
+		if t, tagged := parsed.(reference.Tagged); tagged && digested {
+			img.Tag = t.Tag()
+		}
+	}
 	if warning != "" {
 		p.m.Warnings = append(p.m.Warnings, fmt.Sprintf("%s: %s", src, warning))
 	}
@@ -431,9 +441,9 @@ func (p *parser) add(src string, img Image) {
 		}
 		img.Platform = platforms.Format(platforms.Normalize(pl))
 	}
-	key := img.Ref + "|" + img.Platform
+	key := img.Ref + "|" + img.Tag + "|" + img.Platform
 	if first, dup := p.seen[key]; dup {
-		p.problems = append(p.problems, fmt.Sprintf("%s: duplicate image %s (first at %s)", src, img.Ref, first))
+		p.problems = append(p.problems, fmt.Sprintf("%s: duplicate image %s (first at %s)", src, img.Written, first))
 		return
 	}
 	p.seen[key] = src

@@ -160,13 +160,22 @@ func TestParseSize(t *testing.T) {
 func TestRecordNames(t *testing.T) {
 	t.Parallel()
 	d := "sha256:" + strings.Repeat("b", 64)
-	got, err := recordNames("docker.io/library/nginx:1.25", d, "sha256:cfg")
+	got, err := recordNames(Image{Ref: "docker.io/library/nginx:1.25"}, d, "sha256:cfg")
 	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx:1.25 docker.io/library/nginx@"+d {
 		t.Errorf("recordNames(tag) = %v, %v", got, err)
 	}
-	got, err = recordNames("docker.io/library/nginx@"+d, d, "sha256:cfg")
+	got, err = recordNames(Image{Ref: "docker.io/library/nginx@" + d}, d, "sha256:cfg")
 	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx@"+d {
 		t.Errorf("recordNames(digest) = %v, %v", got, err)
+	}
+	// repo:tag@digest keeps the tag record a pod naming the tag needs.
+	m, err := ParseManifest("m", []byte("nginx:1.25@"+d+"\nnginx:1.25.3@"+d+"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = recordNames(m.Images[0], d, "sha256:cfg")
+	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx:1.25 docker.io/library/nginx@"+d {
+		t.Errorf("recordNames(tag@digest) = %v, %v", got, err)
 	}
 }
 

@@ -66,7 +66,7 @@ func (a *Agent) inspect(ctx context.Context, img Image, sn string) (Status, erro
 	if size, err := image.Size(ctx); err == nil {
 		st.Size = size
 	}
-	names, err := recordNames(img.Ref, st.Digest, st.ID)
+	names, err := recordNames(img, st.Digest, st.ID)
 	if err != nil {
 		return st, err
 	}

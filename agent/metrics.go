@@ -1,0 +1,205 @@
+package agent
+
+import (
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are prepull's Prometheus metrics. They implement Observer for
+// pulls and take warm-up and ECR token events through their own methods.
+type Metrics struct {
+	pullDuration   *prometheus.HistogramVec
+	pulls          *prometheus.CounterVec
+	pullBytes      prometheus.Counter
+	pullThroughput prometheus.Histogram
+
+	warmDuration prometheus.Histogram
+	warmBytes    prometheus.Counter
+	warmFiles    *prometheus.CounterVec
+
+	images      *prometheus.GaugeVec
+	tokens      *prometheus.CounterVec
+	lastRun     prometheus.Gauge
+	lastSuccess prometheus.Gauge
+	runDuration *prometheus.GaugeVec
+	buildInfo   *prometheus.GaugeVec
+
+	perImage    bool
+	imageReady  *prometheus.GaugeVec
+	imageSecond *prometheus.GaugeVec
+
+	mu sync.Mutex
+}
+
+// PullBuckets are the pull-time histogram buckets: 0.5 s to 30 min.
+var PullBuckets = []float64{0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800}
+
+// NewMetrics registers prepull's metrics with reg. perImage adds gauges
+// labelled with the manifest's own image references (a bounded set the
+// operator chose), never digests.
+func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
+	m := &Metrics{
+		pullDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "prepull_image_pull_duration_seconds",
+			Help:    "Time to pull, unpack and record one image.",
+			Buckets: PullBuckets,
+		}, []string{"result"}),
+		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_image_pulls_total",
+			Help: "Image pulls by result (success, failure) and failure reason.",
+		}, []string{"result", "reason"}),
+		pullBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "prepull_image_pull_bytes_total",
+			Help: "Bytes fetched from registries.",
+		}),
+		pullThroughput: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "prepull_image_pull_throughput_bytes",
+			Help:    "Per-image pull throughput in bytes per second (bytes fetched / pull time) of images that fetched something.",
+			Buckets: prometheus.ExponentialBuckets(1<<20, 2, 12), // 1 MiB/s … 2 GiB/s
+		}),
+		warmDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "prepull_warmup_duration_seconds",
+			Help:    "Time to warm one image's snapshot files.",
+			Buckets: PullBuckets,
+		}),
+		warmBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "prepull_warmup_bytes_total",
+			Help: "Bytes read (or advised) by the warm-up.",
+		}),
+		warmFiles: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_warmup_files_total",
+			Help: "Snapshot entries seen by the warm-up, by result: read, skipped_symlink, skipped_special, error.",
+		}, []string{"result"}),
+		images: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "prepull_images",
+			Help: "Manifest images by state after the last run or reconcile: ready, missing, failed, unpinned.",
+		}, []string{"state"}),
+		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_ecr_token_requests_total",
+			Help: "ECR authorization token requests by result (success, error, throttled, cache_hit).",
+		}, []string{"result"}),
+		lastRun: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "prepull_last_run_timestamp_seconds",
+			Help: "Unix time the last run or reconcile finished.",
+		}),
+		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "prepull_last_success_timestamp_seconds",
+			Help: "Unix time a run or reconcile last finished with every image ready.",
+		}),
+		runDuration: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "prepull_run_duration_seconds",
+			Help: "Duration of the last run's phases: pull, warm.",
+		}, []string{"phase"}),
+		buildInfo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "prepull_build_info",
+			Help: "Always 1; labels say which prepull, Go, containerd and snapshotter.",
+		}, []string{"version", "go_version", "containerd_version", "snapshotter"}),
+		perImage: perImage,
+	}
+	reg.MustRegister(m.pullDuration, m.pulls, m.pullBytes, m.pullThroughput,
+		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens,
+		m.lastRun, m.lastSuccess, m.runDuration, m.buildInfo)
+	for _, r := range []string{"success", "failure"} {
+		m.pullDuration.WithLabelValues(r)
+	}
+	m.pulls.WithLabelValues("success", "")
+	for _, s := range []string{"ready", "missing", "failed", "unpinned"} {
+		m.images.WithLabelValues(s)
+	}
+	for _, r := range []string{"read", "skipped_symlink", "skipped_special", "error"} {
+		m.warmFiles.WithLabelValues(r)
+	}
+	if perImage {
+		m.imageReady = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "prepull_image_ready",
+			Help: "1 when the manifest image is ready for kubelet, else 0 (--metrics-per-image).",
+		}, []string{"image"})
+		m.imageSecond = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "prepull_image_last_pull_duration_seconds",
+			Help: "Duration of the image's last pull (--metrics-per-image).",
+		}, []string{"image"})
+		reg.MustRegister(m.imageReady, m.imageSecond)
+	}
+	return m
+}
+
+// PullStarted implements Observer.
+func (m *Metrics) PullStarted(Image) {}
+
+// PullFinished implements Observer.
+func (m *Metrics) PullFinished(r Result) {
+	result, reason := "success", ""
+	if r.Err != nil {
+		result, reason = "failure", r.Reason
+		if reason == "" {
+			reason = ReasonOther
+		}
+	}
+	m.pullDuration.WithLabelValues(result).Observe(r.Duration.Seconds())
+	m.pulls.WithLabelValues(result, reason).Inc()
+	m.pullBytes.Add(float64(r.Bytes))
+	if r.Err == nil && r.Bytes > 0 && r.Duration > 0 {
+		m.pullThroughput.Observe(float64(r.Bytes) / r.Duration.Seconds())
+	}
+	if m.perImage {
+		m.imageSecond.WithLabelValues(r.Image.Ref).Set(r.Duration.Seconds())
+	}
+}
+
+// WarmFinished records one image's warm-up.
+func (m *Metrics) WarmFinished(d time.Duration, bytes int64, files map[string]int64) {
+	m.warmDuration.Observe(d.Seconds())
+	m.warmBytes.Add(float64(bytes))
+	for result, n := range files {
+		m.warmFiles.WithLabelValues(result).Add(float64(n))
+	}
+}
+
+// TokenRequest records an ECR token request by result.
+func (m *Metrics) TokenRequest(result string) { m.tokens.WithLabelValues(result).Inc() }
+
+// SetBuildInfo sets prepull_build_info.
+func (m *Metrics) SetBuildInfo(version, goVersion, containerdVersion, snapshotter string) {
+	m.buildInfo.Reset()
+	m.buildInfo.WithLabelValues(version, goVersion, containerdVersion, snapshotter).Set(1)
+}
+
+// RunFinished records a run's or reconcile's end: image states and times.
+func (m *Metrics) RunFinished(sts []Status, failed map[string]bool, phases map[string]time.Duration, at time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	counts := map[string]int{"ready": 0, "missing": 0, "failed": 0, "unpinned": 0}
+	for _, s := range sts {
+		switch {
+		case s.Ready:
+			counts["ready"]++
+		case failed[s.Ref]:
+			counts["failed"]++
+		case !s.Present:
+			counts["missing"]++
+		case s.WantPin && !s.Pinned && len(s.Problems) == 1:
+			counts["unpinned"]++
+		default:
+			counts["failed"]++
+		}
+		if m.perImage {
+			v := 0.0
+			if s.Ready {
+				v = 1
+			}
+			m.imageReady.WithLabelValues(s.Ref).Set(v)
+		}
+	}
+	for k, v := range counts {
+		m.images.WithLabelValues(k).Set(float64(v))
+	}
+	for phase, d := range phases {
+		m.runDuration.WithLabelValues(phase).Set(d.Seconds())
+	}
+	m.lastRun.Set(float64(at.Unix()))
+	if counts["ready"] == len(sts) {
+		m.lastSuccess.Set(float64(at.Unix()))
+	}
+}

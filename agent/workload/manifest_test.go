@@ -1,0 +1,365 @@
+package workload
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/internal/harness"
+)
+
+var goodTestdata = []string{
+	"testdata/helm-rendered.yaml", "testdata/kustomize-build.yaml", "testdata/cronjob.yaml",
+	"testdata/list.yaml", "testdata/pods.json", "testdata/pod-ephemeral.yaml",
+	"testdata/unrelated.yaml", "testdata/dir",
+}
+
+func TestFromWorkloadsRoundTrip(t *testing.T) {
+	t.Parallel()
+	cs, err := Load(goodTestdata, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := FromWorkloads(cs)
+	if err != nil {
+		t.Fatalf("FromWorkloads: %v", err)
+	}
+	want := []string{
+		"123456789012.dkr.ecr.us-west-2.amazonaws.com/web:2.3.1",
+		"602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/coredns:v1.11.3-eksbuild.1",
+		"docker.io/amazon/aws-cli:latest",
+		"docker.io/library/alpine:3.20",
+		"docker.io/library/alpine:3.21",
+		"docker.io/library/busybox:1.36",
+		"docker.io/library/busybox:latest",
+		"docker.io/library/nginx:1.27.3",
+		"docker.io/library/postgres:16.4",
+		"ghcr.io/acme/api:1.8.0",
+		"ghcr.io/acme/api@sha256:0e1a4d7b9c2f3e5a6b8d0c1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a",
+		"ghcr.io/acme/sidecar:v0.4.0",
+		"public.ecr.aws/acme/backup:3.2",
+		"quay.io/acme/legacy:0.9",
+		"quay.io/acme/worker:2.0",
+		"registry.k8s.io/ingress-nginx/controller@sha256:5b161f051d017e55d358435f295f5e9a297e66158f136321d9b04520ec6c48a3",
+		"us-docker.pkg.dev/google-samples/containers/gke/gb-frontend:v5",
+	}
+	var got []string
+	for _, e := range m.Entries {
+		got = append(got, e.Ref)
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("entries:\n got: %s\nwant: %s", strings.Join(got, "\n      "), strings.Join(want, "\n      "))
+	}
+	// busybox (untagged, in the helm test pod) and busybox:latest (CronJob
+	// init container) are one image; api:1.8.0 has a Job and a Pod.
+	for _, e := range m.Entries {
+		switch e.Ref {
+		case "docker.io/library/busybox:latest", "ghcr.io/acme/api:1.8.0", "123456789012.dkr.ecr.us-west-2.amazonaws.com/web:2.3.1":
+			if len(e.Users) != 2 {
+				t.Errorf("%s: %d users, want 2", e.Ref, len(e.Users))
+			}
+		default:
+			if len(e.Users) != 1 {
+				t.Errorf("%s: %d users, want 1", e.Ref, len(e.Users))
+			}
+		}
+	}
+
+	data, err := m.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := string(data)
+	for _, s := range []string{
+		"  # testdata/helm-rendered.yaml:45 Deployment/release-web initContainer=migrate (source: web/templates/deployment.yaml)\n" +
+			"  # testdata/helm-rendered.yaml:45 Deployment/release-web container=web (source: web/templates/deployment.yaml)\n" +
+			"  - ref: 123456789012.dkr.ecr.us-west-2.amazonaws.com/web:2.3.1\n",
+		"  # testdata/helm-rendered.yaml:115 Pod/release-web-test-connection container=wget (source: web/templates/tests/test-connection.yaml)\n" +
+			"  # testdata/cronjob.yaml:1 CronJob/ops/nightly-backup initContainer=wait-db\n" +
+			"  # note: imagePullPolicy is Always for 1 of these containers: kubelet pulls it anyway (see prepull lint)\n" +
+			"  - ref: docker.io/library/busybox:latest\n",
+	} {
+		if !strings.Contains(out, s) {
+			t.Errorf("manifest lacks\n%s\ngot:\n%s", s, out)
+		}
+	}
+
+	// Round trip: prepull's own parser loads it, with the same images,
+	// pinned and warmed by default.
+	pm, err := agent.ParseManifest("generated.yaml", data)
+	if err != nil {
+		t.Fatalf("agent.ParseManifest(generated):\n%v\n%s", err, out)
+	}
+	var loaded []string
+	for _, img := range pm.Images {
+		loaded = append(loaded, img.Ref)
+		if !img.Pin || !img.Warm || img.Platform != "" {
+			t.Errorf("%s: pin=%v warm=%v platform=%q, want defaults", img.Ref, img.Pin, img.Warm, img.Platform)
+		}
+	}
+	if strings.Join(loaded, "\n") != strings.Join(want, "\n") {
+		t.Errorf("round trip: got %v", loaded)
+	}
+	// And lint of the generated manifest against its own workloads finds
+	// only the pulls kubelet repeats anyway: nothing missing, nothing unused.
+	for _, f := range Lint(pm, cs) {
+		if !strings.Contains(f.Message, "Always") {
+			t.Errorf("lint of generated manifest: unexpected finding %s", f)
+		}
+	}
+}
+
+func TestManifestBytesExact(t *testing.T) {
+	t.Parallel()
+	cs, err := Read("app.yaml", strings.NewReader(`apiVersion: apps/v1
+kind: Deployment
+metadata: {name: app, namespace: team}
+spec:
+  template:
+    spec:
+      containers:
+      - {name: app, image: "registry.example.com:5000/team/app:1.0"}
+      - {name: proxy, image: envoyproxy/envoy:v1.31.0}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := FromWorkloads(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.Entries[1].Digest = digest.Digest("sha256:" + strings.Repeat("ab", 32))
+	data, err := m.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `# Generated by "prepull manifest from-k8s": the images of the workloads named
+# above each entry. A resolved entry is written repo:tag@sha256:digest: the
+# digest pins the content, the tag is the name the workloads (and kubelet) use.
+images:
+  # app.yaml:1 Deployment/team/app container=proxy
+  - ref: docker.io/envoyproxy/envoy:v1.31.0
+  # app.yaml:1 Deployment/team/app container=app
+  - ref: registry.example.com:5000/team/app:1.0@sha256:abababababababababababababababababababababababababababababababab
+`
+	if string(data) != want {
+		t.Errorf("Bytes:\n%s\nwant:\n%s", data, want)
+	}
+}
+
+func TestFromWorkloadsErrors(t *testing.T) {
+	t.Parallel()
+	cs, err := Read("bad.yaml", strings.NewReader(`apiVersion: v1
+kind: Pod
+metadata: {name: p}
+spec:
+  initContainers:
+  - {name: tmpl, image: "{{ .Values.image }}"}
+  containers:
+  - {name: empty}
+  - {name: ok, image: nginx:1.27}
+  - {name: upper, image: "Nginx:1.27"}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = FromWorkloads(cs)
+	if err == nil {
+		t.Fatal("FromWorkloads: want an error")
+	}
+	want := []string{
+		`bad.yaml:1: Pod/p initContainer=tmpl: invalid image reference "{{ .Values.image }}"`,
+		`bad.yaml:1: Pod/p container=empty: no image`,
+		`bad.yaml:1: Pod/p container=upper: invalid image reference "Nginx:1.27"`,
+	}
+	lines := strings.Split(err.Error(), "\n")
+	if len(lines) != len(want) {
+		t.Fatalf("error:\n%v\nwant %d lines", err, len(want))
+	}
+	for i := range want {
+		if !strings.HasPrefix(lines[i], want[i]) {
+			t.Errorf("line %d: %q, want prefix %q", i, lines[i], want[i])
+		}
+	}
+}
+
+// fakeResolver answers from a map; it counts calls.
+type fakeResolver struct {
+	digests map[string]digest.Digest
+	calls   atomic.Int32
+}
+
+func (f *fakeResolver) Resolve(_ context.Context, ref string) (string, ocispec.Descriptor, error) {
+	f.calls.Add(1)
+	d, ok := f.digests[ref]
+	if !ok {
+		return "", ocispec.Descriptor{}, fmt.Errorf("%s: not found", ref)
+	}
+	return ref, ocispec.Descriptor{Digest: d}, nil
+}
+
+func TestResolveFake(t *testing.T) {
+	t.Parallel()
+	good := digest.Digest("sha256:" + strings.Repeat("01", 32))
+	m := &Manifest{Entries: []Entry{
+		{Ref: "docker.io/library/a:1"},
+		{Ref: "docker.io/library/b@sha256:" + strings.Repeat("02", 32)},
+		{Ref: "docker.io/library/c:1"},
+		{Ref: "docker.io/library/d:1"},
+	}}
+	r := &fakeResolver{digests: map[string]digest.Digest{
+		"docker.io/library/a:1": good,
+		"docker.io/library/d:1": "sha256:nothex",
+	}}
+	err := m.Resolve(t.Context(), r, 2)
+	if err == nil {
+		t.Fatal("Resolve: want errors for c and d")
+	}
+	wantErr := "resolve docker.io/library/c:1: docker.io/library/c:1: not found\n" +
+		`resolve docker.io/library/d:1: registry returned digest "sha256:nothex": invalid checksum digest length`
+	if err.Error() != wantErr {
+		t.Errorf("error:\n%v\nwant:\n%s", err, wantErr)
+	}
+	if got := r.calls.Load(); got != 3 {
+		t.Errorf("%d Resolve calls, want 3 (the digest entry needs none)", got)
+	}
+	if m.Entries[0].Written() != "docker.io/library/a:1@"+good.String() {
+		t.Errorf("a: %s", m.Entries[0].Written())
+	}
+	if m.Entries[1].Digest != "" || m.Entries[2].Digest != "" || m.Entries[3].Digest != "" {
+		t.Errorf("unresolved entries got digests: %+v", m.Entries)
+	}
+}
+
+// TestResolveRegistry resolves tags against a real registry (Debian's
+// docker-registry from the harness), through containerd's resolver, with
+// and without basic auth.
+func TestResolveRegistry(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	plain, err := harness.StartRegistry(ctx, harness.RegistryOptions{})
+	if err != nil {
+		t.Fatalf("start registry (needs the Debian package docker-registry): %v", err)
+	}
+	t.Cleanup(plain.Stop)
+	secure, err := harness.StartRegistry(ctx, harness.RegistryOptions{TLS: true, Users: map[string]string{"ci": "s3cret"}})
+	if err != nil {
+		t.Fatalf("start TLS registry: %v", err)
+	}
+	t.Cleanup(secure.Stop)
+
+	layer, err := harness.Layer(harness.RandomFiles("/data", 2, 1024, 7), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{layer}, OCI: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pusher := &harness.Pusher{Host: plain.Host}
+	imgDigest, err := pusher.Push(ctx, "team/app:1.0", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idxDigest, err := pusher.PushIndex(ctx, "team/multi:2", map[string]v1.Image{"linux/amd64": img, "linux/arm64": img}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spusher := &harness.Pusher{Host: secure.Host, User: "ci", Password: "s3cret", Pool: secure.CertPool}
+	secDigest, err := spusher.Push(ctx, "team/private:3", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The CA reaches containerd's resolver the way it reaches the CRI: a
+	// hosts.toml in the hosts directory.
+	hostsDir := t.TempDir()
+	hdir := filepath.Join(hostsDir, secure.Host)
+	if err := os.MkdirAll(hdir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	toml := fmt.Sprintf("server = %q\n[host.%q]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = %q\n", secure.URL(), secure.URL(), secure.CAFile)
+	if err := os.WriteFile(filepath.Join(hdir, "hosts.toml"), []byte(toml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	creds := func(user, pass string) func(string) (string, string, error) {
+		return func(host string) (string, string, error) {
+			if host == secure.Host {
+				return user, pass, nil
+			}
+			return "", "", nil
+		}
+	}
+	tests := []struct {
+		name    string
+		creds   func(string) (string, string, error)
+		refs    []string
+		want    []string
+		wantErr string
+	}{
+		{
+			name:  "image and index tags, a digest entry left alone",
+			creds: creds("ci", "s3cret"),
+			refs: []string{
+				plain.Host + "/team/app:1.0",
+				plain.Host + "/team/multi:2",
+				plain.Host + "/team/app@" + imgDigest,
+				secure.Host + "/team/private:3",
+			},
+			want: []string{
+				plain.Host + "/team/app:1.0@" + imgDigest,
+				plain.Host + "/team/multi:2@" + idxDigest,
+				plain.Host + "/team/app@" + imgDigest,
+				secure.Host + "/team/private:3@" + secDigest,
+			},
+		},
+		{
+			name:    "unknown tag",
+			creds:   creds("ci", "s3cret"),
+			refs:    []string{plain.Host + "/team/app:9.9"},
+			want:    []string{plain.Host + "/team/app:9.9"},
+			wantErr: "resolve " + plain.Host + "/team/app:9.9: " + plain.Host + "/team/app:9.9: not found",
+		},
+		{
+			name:    "wrong password",
+			creds:   creds("ci", "wrong"),
+			refs:    []string{secure.Host + "/team/private:3"},
+			want:    []string{secure.Host + "/team/private:3"},
+			wantErr: "resolve " + secure.Host + "/team/private:3: unexpected status from HEAD request to https://" + secure.Host + "/v2/team/private/manifests/3: 401 Unauthorized",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			m := &Manifest{}
+			for _, r := range tt.refs {
+				m.Entries = append(m.Entries, Entry{Ref: r})
+			}
+			err := m.Resolve(t.Context(), NewResolver(t.Context(), hostsDir, tt.creds), 2)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("Resolve: %v", err)
+			case tt.wantErr != "" && (err == nil || !strings.HasPrefix(err.Error(), tt.wantErr)):
+				t.Fatalf("Resolve error %v, want prefix %q", err, tt.wantErr)
+			}
+			for i, e := range m.Entries {
+				if e.Written() != tt.want[i] {
+					t.Errorf("entry %d: %s, want %s", i, e.Written(), tt.want[i])
+				}
+			}
+			if err != nil && strings.Contains(err.Error(), "wrong") {
+				t.Errorf("error leaks the password: %v", err)
+			}
+		})
+	}
+}
