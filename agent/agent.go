@@ -33,6 +33,10 @@ const (
 	LabelManagedValue = "managed"
 	LabelPinned       = "io.cri-containerd.pinned"
 	LabelPinnedValue  = "pinned"
+	// LabelOwner marks records prepull wrote, so --prune-unlisted can find
+	// the ones a manifest no longer lists.
+	LabelOwner      = "prepull.io/managed"
+	LabelOwnerValue = "true"
 )
 
 // ErrContainerdUnavailable is returned (wrapped, with the socket path) when the
@@ -411,10 +415,11 @@ func (a *Agent) putRecord(ctx context.Context, name string, pulled images.Image,
 		}
 		if old.Target.Digest == rec.Target.Digest &&
 			old.Labels[LabelManaged] == labels[LabelManaged] &&
-			old.Labels[LabelPinned] == labels[LabelPinned] {
+			old.Labels[LabelPinned] == labels[LabelPinned] &&
+			old.Labels[LabelOwner] == labels[LabelOwner] {
 			return nil
 		}
-		_, err = is.Update(ctx, rec, "target", "labels."+LabelManaged, "labels."+LabelPinned)
+		_, err = is.Update(ctx, rec, "target", "labels."+LabelManaged, "labels."+LabelPinned, "labels."+LabelOwner)
 		if errdefs.IsNotFound(err) {
 			continue
 		}
@@ -423,7 +428,7 @@ func (a *Agent) putRecord(ctx context.Context, name string, pulled images.Image,
 }
 
 func criLabels(pin bool) map[string]string {
-	l := map[string]string{LabelManaged: LabelManagedValue}
+	l := map[string]string{LabelManaged: LabelManagedValue, LabelOwner: LabelOwnerValue}
 	if pin {
 		l[LabelPinned] = LabelPinnedValue
 	}

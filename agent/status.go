@@ -11,6 +11,7 @@ import (
 // Status is what the node holds for one manifest image.
 type Status struct {
 	Ref         string   `json:"ref"`
+	Tag         string   `json:"tag,omitempty"`
 	Platform    string   `json:"platform,omitempty"`
 	Digest      string   `json:"digest,omitempty"`
 	ID          string   `json:"id,omitempty"`
@@ -45,7 +46,7 @@ func (a *Agent) Inspect(ctx context.Context, imgs []Image) ([]Status, error) {
 }
 
 func (a *Agent) inspect(ctx context.Context, img Image, sn string) (Status, error) {
-	st := Status{Ref: img.Ref, Platform: img.Platform, WantPin: img.Pin, Snapshotter: sn}
+	st := Status{Ref: img.Ref, Tag: img.Tag, Platform: img.Platform, WantPin: img.Pin, Snapshotter: sn}
 	is := a.client.ImageService()
 	rec, err := is.Get(ctx, img.Ref)
 	if errdefs.IsNotFound(err) {
@@ -103,4 +104,46 @@ func (a *Agent) inspect(ctx context.Context, img Image, sn string) (Status, erro
 	}
 	st.Ready = len(st.Problems) == 0
 	return st, nil
+}
+
+// Unpin removes the pinned label (and prepull's owner label) from records
+// prepull wrote that belong to none of keep, so kubelet's image GC may
+// reclaim images a manifest no longer lists. It returns the record names it
+// changed. Records of images in keep are left alone even when not ready.
+func (a *Agent) Unpin(ctx context.Context, keep []Status) ([]string, error) {
+	ctx = a.ctx(ctx)
+	kept := map[string]bool{}
+	for _, s := range keep {
+		kept[s.Ref] = true
+		if s.Digest != "" {
+			if repo, _, err := splitRef(s.Ref); err == nil {
+				kept[repo+"@"+s.Digest] = true
+			}
+		}
+		if s.ID != "" {
+			kept[s.ID] = true
+		}
+		if s.Tag != "" {
+			if repo, _, err := splitRef(s.Ref); err == nil {
+				kept[repo+":"+s.Tag] = true
+			}
+		}
+	}
+	is := a.client.ImageService()
+	recs, err := is.List(ctx, fmt.Sprintf(`labels.%q==%s`, LabelOwner, LabelOwnerValue))
+	if err != nil {
+		return nil, wrapUnavailable(fmt.Errorf("list prepull records: %w", err))
+	}
+	var changed []string
+	for _, r := range recs {
+		if kept[r.Name] {
+			continue
+		}
+		r.Labels = map[string]string{}
+		if _, err := is.Update(ctx, r, "labels."+LabelPinned, "labels."+LabelOwner); err != nil && !errdefs.IsNotFound(err) {
+			return changed, wrapUnavailable(fmt.Errorf("unpin %s: %w", r.Name, err))
+		}
+		changed = append(changed, r.Name)
+	}
+	return changed, nil
 }

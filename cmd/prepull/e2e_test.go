@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -63,17 +64,40 @@ type cli struct {
 
 func runPrepull(t *testing.T, args ...string) cli {
 	t.Helper()
-	var stdout, stderr bytes.Buffer
+	return runPrepullCtx(t.Context(), t, args...)
+}
+
+func runPrepullCtx(ctx context.Context, t *testing.T, args ...string) cli {
+	t.Helper()
+	var stdout, stderr lockedBuffer
 	all := append([]string{}, args...)
 	if len(all) > 0 && all[0] != "version" {
 		all = append(all, "--containerd-address", env.Containerd.Address, "--hosts-dir", env.HostsDir, "--log-format", "json")
 	}
-	err := run(t.Context(), all, &stdout, &stderr)
+	err := run(ctx, all, &stdout, &stderr)
 	c := cli{t: t, stdout: stdout.String(), stderr: stderr.String(), code: exitCode(err), err: err}
 	if err != nil {
 		c.stderr += "prepull: " + err.Error() + "\n"
 	}
 	return c
+}
+
+// lockedBuffer is a bytes.Buffer safe for the logger and the test to share.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func (c cli) wantCode(code int) {

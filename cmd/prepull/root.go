@@ -40,7 +40,10 @@ type globals struct {
 	layerChunkSize    string
 	discardLayers     string
 
+	metricsPerImage bool
+
 	logger *zap.Logger
+	logOut *switchWriter
 	// ran is set once a command's RunE starts: errors before it are usage errors.
 	ran bool
 }
@@ -79,6 +82,7 @@ environment over the manifest's settings.`,
 	pf.StringVar(&g.hostsDir, "hosts-dir", "/etc/containerd/certs.d", "registry host config directory (hosts.toml), as the CRI reads it")
 	pf.IntVar(&g.concurrency, "concurrency", 4, "images pulled at once")
 	pf.StringVar(&g.metricsAddr, "metrics-addr", "", "serve Prometheus /metrics on this address while running (e.g. :9781)")
+	pf.BoolVar(&g.metricsPerImage, "metrics-per-image", false, "add per-image gauges labelled with the manifest's references")
 	pf.StringVar(&g.textfile, "textfile", "", "write metrics to this node_exporter textfile at the end of a run")
 	pf.StringVar(&g.logFormat, "log-format", "auto", "log format: auto (console on a terminal, else json), json, console")
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -96,6 +100,7 @@ environment over the manifest's settings.`,
 		newVerifyCmd(g),
 		newStatusCmd(g),
 		newVersionCmd(g),
+		newDaemonCmd(g),
 		newManifestCmd(g), newLintCmd(g),
 	)
 	return root
@@ -157,7 +162,8 @@ func (g *globals) setupLogger() error {
 	default:
 		return usagef("--log-format %q: want auto, json or console", g.logFormat)
 	}
-	g.logger = zap.New(zapcore.NewCore(enc, zapcore.AddSync(g.stderr), level))
+	g.logOut = &switchWriter{w: g.stderr}
+	g.logger = zap.New(zapcore.NewCore(enc, zapcore.AddSync(g.logOut), level))
 	// containerd's client logs through logrus; keep its chatter (HTTPS-first
 	// notices for localhost registries, per-request retries) at debug level.
 	ctrdLevel := "warn"
@@ -241,7 +247,7 @@ func (g *globals) withTimeout(ctx context.Context) (context.Context, context.Can
 }
 
 // newAgent builds the agent with the global settings.
-func (g *globals) newAgent(client *containerd.Client) (*agent.Agent, error) {
+func (g *globals) newAgent(client *containerd.Client, obs ...agent.Observer) (*agent.Agent, error) {
 	if g.concurrency <= 0 {
 		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
 	}
@@ -276,5 +282,6 @@ func (g *globals) newAgent(client *containerd.Client) (*agent.Agent, error) {
 		UnpackLimit:            g.unpackLimit,
 		DiscardLayers:          discard,
 		Credentials:            creds,
+		Observer:               observers(obs),
 	}), nil
 }

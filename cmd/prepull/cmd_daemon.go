@@ -1,0 +1,267 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/spf13/cobra"
+	"go.uber.org/zap"
+
+	"github.com/prepull/prepull/agent"
+)
+
+// defaultDaemonMetricsAddr is where the daemon serves /metrics, /healthz and
+// /readyz when --metrics-addr is not given.
+const defaultDaemonMetricsAddr = ":9781"
+
+func newDaemonCmd(g *globals) *cobra.Command {
+	var (
+		f             imageFlags
+		interval      time.Duration
+		pruneUnlisted bool
+		watchEvery    time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "daemon [--manifest FILE] [--interval 5m]",
+		Short: "Run, then serve metrics and keep the images present (re-pull what vanished or was added)",
+		Long: `daemon performs a run, tells systemd it is ready (Type=notify), serves /metrics,
+/healthz and /readyz on --metrics-addr (default :9781), then reconciles every
+--interval, on SIGHUP, and when the manifest file changes: images that vanished
+(kubelet GC, crictl rmi) or were added are pulled again. Images removed from the
+manifest are left alone, and unpinned only with --prune-unlisted. An edited
+manifest that does not validate is logged and ignored: the previous one stays
+in force whole.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			g.ran = true
+			if interval <= 0 {
+				return usagef("--interval must be positive, got %s", interval)
+			}
+			m, err := f.load(cmd, g)
+			if err != nil {
+				return err
+			}
+			addr := g.metricsAddr
+			if addr == "" {
+				addr = defaultDaemonMetricsAddr
+			}
+			d := &daemon{g: g, f: f, manifest: m, interval: interval, prune: pruneUnlisted, watchEvery: watchEvery, addr: addr}
+			return d.run(cmd.Context())
+		},
+	}
+	addImageFlags(cmd, &f)
+	cmd.Flags().DurationVar(&interval, "interval", 5*time.Minute, "reconcile this often")
+	cmd.Flags().BoolVar(&pruneUnlisted, "prune-unlisted", false, "unpin images prepull pinned that the manifest no longer lists")
+	cmd.Flags().DurationVar(&watchEvery, "watch-interval", 2*time.Second, "check the manifest file for changes this often")
+	return cmd
+}
+
+type daemon struct {
+	g          *globals
+	f          imageFlags
+	interval   time.Duration
+	prune      bool
+	watchEvery time.Duration
+	addr       string
+
+	mu       sync.Mutex
+	manifest *agent.Manifest
+}
+
+func (d *daemon) current() *agent.Manifest {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.manifest
+}
+
+func notify(log *zap.Logger, state string) {
+	if _, err := sddaemon.SdNotify(false, state); err != nil {
+		log.Debug("sd_notify", zap.Error(err))
+	}
+}
+
+func (d *daemon) run(ctx context.Context) error {
+	log := d.g.logger.Named("daemon")
+	tel := newTelemetry(d.g.metricsPerImage)
+	sctx, stopServer := context.WithCancel(context.WithoutCancel(ctx))
+	served, err := tel.serve(sctx, d.addr, log)
+	if err != nil {
+		stopServer()
+		return err
+	}
+	defer func() {
+		stopServer()
+		<-served
+	}()
+
+	r, err := newRunner(ctx, d.g, tel)
+	if err != nil {
+		return err
+	}
+	defer r.close()
+
+	// A long first run must not trip systemd's start timeout.
+	firstDone := make(chan struct{})
+	go func() {
+		t := time.NewTicker(10 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-firstDone:
+				return
+			case <-t.C:
+				notify(log, "EXTEND_TIMEOUT_USEC=30000000")
+			}
+		}
+	}()
+	status := func(s string) { notify(log, "STATUS="+s) }
+	d.reconcile(ctx, r, status, log)
+	close(firstDone)
+	notify(log, sddaemon.SdNotifyReady)
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	changed := make(chan struct{}, 1)
+	go d.watch(ctx, changed, log)
+
+	tick := time.NewTicker(d.interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			notify(log, sddaemon.SdNotifyStopping)
+			log.Info("stopping")
+			return nil
+		case <-tick.C:
+		case <-hup:
+			log.Info("SIGHUP: reconciling")
+			d.reload(log)
+		case <-changed:
+			log.Info("manifest changed: reconciling")
+		}
+		d.reconcile(ctx, r, status, log)
+	}
+}
+
+// reconcile pulls what is not ready, then records the state.
+func (d *daemon) reconcile(ctx context.Context, r *runner, status func(string), log *zap.Logger) {
+	m := d.current()
+	start := time.Now()
+	sts, err := r.agent.Inspect(ctx, m.Images)
+	if err != nil {
+		r.tel.ready.Store(false)
+		log.Error("inspect images", zap.Error(err))
+		status("containerd unavailable: " + err.Error())
+		return
+	}
+	var todo []agent.Image
+	for i, s := range sts {
+		if !s.Ready {
+			todo = append(todo, m.Images[i])
+		}
+	}
+	var results []agent.Result
+	phases := map[string]time.Duration{}
+	if len(todo) > 0 {
+		r.tel.ready.Store(false)
+		refs := make([]string, len(todo))
+		for i, img := range todo {
+			refs[i] = img.Ref
+		}
+		log.Info("pulling images that are not ready", zap.Int("images", len(todo)), zap.Strings("refs", refs))
+		var pullTime time.Duration
+		results, pullTime = r.pull(ctx, todo, status)
+		phases["pull"] = pullTime
+	}
+	sts, err = r.record(ctx, m.Images, results, phases)
+	if err != nil {
+		log.Error("inspect images", zap.Error(err))
+		return
+	}
+	ready := 0
+	for _, s := range sts {
+		if s.Ready {
+			ready++
+		}
+	}
+	if d.prune {
+		if changed, err := r.agent.Unpin(ctx, sts); err != nil {
+			log.Error("unpin unlisted images", zap.Error(err))
+		} else if len(changed) > 0 {
+			log.Info("unpinned records the manifest no longer lists", zap.Strings("records", changed))
+		}
+	}
+	msg := fmt.Sprintf("%d/%d images ready; last reconcile %s", ready, len(sts), time.Now().UTC().Format(time.RFC3339))
+	status(msg)
+	log.Info("reconciled", zap.Int("images", len(sts)), zap.Int("ready", ready), zap.Int("pulled", len(todo)),
+		zap.Float64("seconds", time.Since(start).Seconds()))
+}
+
+// reload re-reads the manifest file; an invalid one is logged and ignored,
+// so the manifest in force is always one that validated, whole.
+func (d *daemon) reload(log *zap.Logger) bool {
+	if d.f.manifest == "" {
+		return false
+	}
+	m, err := agent.LoadManifest(d.f.manifest)
+	if err != nil {
+		log.Error("manifest invalid; keeping the previous one", zap.String("manifest", d.f.manifest),
+			zap.String("error", strings.ReplaceAll(err.Error(), "\n", "; ")))
+		return false
+	}
+	for _, w := range m.Warnings {
+		log.Warn("manifest warning", zap.String("warning", w))
+	}
+	d.mu.Lock()
+	d.manifest = m
+	d.mu.Unlock()
+	return true
+}
+
+// watch polls the manifest file's content and signals changed when a new
+// valid manifest is in force. Polling the content (not inotify on the path)
+// survives editors and config management that replace the file by rename.
+func (d *daemon) watch(ctx context.Context, changed chan<- struct{}, log *zap.Logger) {
+	if d.f.manifest == "" {
+		return
+	}
+	sum := func() []byte {
+		b, err := os.ReadFile(d.f.manifest)
+		if err != nil {
+			return nil
+		}
+		h := sha256.Sum256(b)
+		return h[:]
+	}
+	last := sum()
+	t := time.NewTicker(d.watchEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := sum()
+		if now == nil || bytes.Equal(now, last) {
+			continue
+		}
+		last = now
+		if d.reload(log) {
+			select {
+			case changed <- struct{}{}:
+			default:
+			}
+		}
+	}
+}

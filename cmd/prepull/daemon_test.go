@@ -1,0 +1,251 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/prepull/prepull/internal/harness"
+)
+
+func pushSmall(t *testing.T, repoTag string, seed uint64) string {
+	t.Helper()
+	l, err := harness.Layer(harness.RandomFiles("d", 2, 16<<10, seed), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{l}, OCI: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := env.Pusher.Push(t.Context(), repoTag, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func httpStatus(url string) int {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// scrape returns the value of the sample of family name whose labels
+// include all of want.
+func scrape(t *testing.T, addr, name string, want map[string]string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatalf("parse /metrics: %v", err)
+	}
+	fam := fams[name]
+	if fam == nil {
+		t.Fatalf("/metrics lacks %s", name)
+	}
+outer:
+	for _, m := range fam.Metric {
+		got := map[string]string{}
+		for _, l := range m.Label {
+			got[l.GetName()] = l.GetValue()
+		}
+		for k, v := range want {
+			if got[k] != v {
+				continue outer
+			}
+		}
+		switch {
+		case m.Counter != nil:
+			return m.Counter.GetValue()
+		case m.Gauge != nil:
+			return m.Gauge.GetValue()
+		case m.Histogram != nil:
+			return float64(m.Histogram.GetSampleCount())
+		}
+	}
+	t.Fatalf("/metrics has no %s%v", name, want)
+	return 0
+}
+
+func TestDaemonReconcilesAndServesMetrics(t *testing.T) {
+	a, b, c := "daemon/a:1", "daemon/b:1", "daemon/c:1"
+	pushSmall(t, a, 300)
+	pushSmall(t, b, 301)
+	pushSmall(t, c, 302)
+	p := newProxy(t)
+	refA, refB, refC := p.Host+"/"+a, p.Host+"/"+b, p.Host+"/"+c
+	manifest := writeFile(t, "manifest.yaml", fmt.Sprintf("images:\n  - ref: %s\n  - ref: %s\n", refA, refB))
+	addr := freeAddr(t)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan cli, 1)
+	go func() {
+		done <- runPrepullCtx(ctx, t, "daemon", "--manifest", manifest, "--interval", "1s",
+			"--watch-interval", "100ms", "--metrics-addr", addr)
+	}()
+
+	base := "http://" + addr
+	waitFor(t, "/readyz 200 after the first run", 60*time.Second, func() bool { return httpStatus(base+"/readyz") == 200 })
+	if httpStatus(base+"/healthz") != 200 {
+		t.Error("/healthz not 200")
+	}
+	if got := scrape(t, addr, "prepull_image_pulls_total", map[string]string{"result": "success"}); got != 2 {
+		t.Errorf("pulls_total{success} = %v after the first run, want 2", got)
+	}
+	if got := scrape(t, addr, "prepull_images", map[string]string{"state": "ready"}); got != 2 {
+		t.Errorf("images{ready} = %v, want 2", got)
+	}
+	if got := scrape(t, addr, "go_goroutines", nil); got <= 0 {
+		t.Errorf("go collector missing")
+	}
+
+	// Hold the re-pull of a until the test has seen /readyz fail.
+	release := make(chan struct{})
+	p.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if strings.Contains(r.URL.Path, "/daemon/a/") {
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		return false
+	})
+	is, _, closeCRI, err := env.Containerd.CRI()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeCRI()
+	criImage(t, refA, true)
+	if _, err := is.RemoveImage(t.Context(), &runtimeapi.RemoveImageRequest{Image: &runtimeapi.ImageSpec{Image: refA}}); err != nil {
+		t.Fatalf("CRI RemoveImage: %v", err)
+	}
+	waitFor(t, "/readyz 503 after the image vanished", 30*time.Second, func() bool { return httpStatus(base+"/readyz") == 503 })
+	close(release)
+	waitFor(t, "/readyz 200 after the re-pull", 60*time.Second, func() bool { return httpStatus(base+"/readyz") == 200 })
+	criImage(t, refA, true)
+	if got := scrape(t, addr, "prepull_image_pulls_total", map[string]string{"result": "success"}); got != 3 {
+		t.Errorf("pulls_total{success} = %v after the re-pull, want 3", got)
+	}
+	p.SetFault(nil)
+
+	// An image added to the manifest is pulled; an invalid edit is ignored whole.
+	if err := os.WriteFile(manifest, []byte(fmt.Sprintf("images:\n  - ref: %s\n  - ref: %s\n  - ref: %s\n", refA, refB, refC)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the added image", 60*time.Second, func() bool {
+		resp, err := is.ImageStatus(t.Context(), &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: refC}})
+		return err == nil && resp.GetImage() != nil
+	})
+	waitFor(t, "images{ready} = 3", 30*time.Second, func() bool {
+		return scrape(t, addr, "prepull_images", map[string]string{"state": "ready"}) == 3
+	})
+	if err := os.WriteFile(manifest, []byte("images:\n  - ref: "+refA+"\n  - ref: Bad Ref\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // a watch tick and a reconcile pass
+	if got := scrape(t, addr, "prepull_images", map[string]string{"state": "ready"}); got != 3 {
+		t.Errorf("images{ready} = %v after an invalid edit, want 3 (the old manifest stays whole)", got)
+	}
+
+	cancel()
+	select {
+	case res := <-done:
+		res.wantCode(0)
+		if !strings.Contains(res.stderr, "manifest invalid; keeping the previous one") {
+			t.Errorf("no log line about the invalid manifest:\n%s", res.stderr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon did not stop within 10s of cancellation")
+	}
+}
+
+func TestRunWritesTextfile(t *testing.T) {
+	rt := "textfile/app:1"
+	pushSmall(t, rt, 310)
+	p := newProxy(t)
+	path := t.TempDir() + "/collector/prepull.prom"
+	runPrepull(t, "run", "--image", p.Host+"/"+rt, "--image", p.Host+"/textfile/missing:1", "--textfile", path).wantCode(1)
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(f)
+	if err != nil {
+		t.Fatalf("textfile: %v", err)
+	}
+	val := func(name, lk, lv string) float64 {
+		for _, m := range fams[name].GetMetric() {
+			for _, l := range m.Label {
+				if l.GetName() == lk && l.GetValue() == lv {
+					if m.Gauge != nil {
+						return m.Gauge.GetValue()
+					}
+					return m.Counter.GetValue()
+				}
+			}
+		}
+		t.Fatalf("no %s{%s=%q} in textfile", name, lk, lv)
+		return 0
+	}
+	if v := val("prepull_images", "state", "ready"); v != 1 {
+		t.Errorf("ready = %v, want 1", v)
+	}
+	if v := val("prepull_images", "state", "failed"); v != 1 {
+		t.Errorf("failed = %v, want 1", v)
+	}
+	if v := val("prepull_image_pulls_total", "reason", "not_found"); v != 1 {
+		t.Errorf("not_found failures = %v, want 1", v)
+	}
+	if fams["prepull_last_run_timestamp_seconds"].GetMetric()[0].GetGauge().GetValue() == 0 {
+		t.Error("last run timestamp not set")
+	}
+	if _, ok := fams["go_goroutines"]; ok {
+		t.Error("textfile carries Go runtime metrics that node_exporter already exports")
+	}
+}
