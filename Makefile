@@ -33,5 +33,12 @@ harness-deps:
 	fi
 	@command -v docker-registry >/dev/null || (echo "docker-registry missing: apt-get install docker-registry" && exit 1)
 
+# Install bin/prepull, the systemd units, /etc/default/prepull and an example
+# manifest, then enable prepull.service; ROOT=dir stages under dir instead.
+.PHONY: install
+install: build
+	bin/prepull install $(if $(ROOT),--root $(ROOT))
+
 clean:
 	rm -rf bin
+

@@ -5,6 +5,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/prepull/prepull/ecrauth"
+	"github.com/prepull/prepull/warmup"
 )
 
 // Metrics are prepull's Prometheus metrics. They implement Observer for
@@ -21,6 +24,8 @@ type Metrics struct {
 
 	images      *prometheus.GaugeVec
 	tokens      *prometheus.CounterVec
+	tokenHits   *prometheus.CounterVec
+	tokenReject *prometheus.CounterVec
 	lastRun     prometheus.Gauge
 	lastSuccess prometheus.Gauge
 	runDuration *prometheus.GaugeVec
@@ -78,8 +83,16 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 		}, []string{"state"}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_ecr_token_requests_total",
-			Help: "ECR authorization token requests by result (success, error, throttled, cache_hit).",
-		}, []string{"result"}),
+			Help: "GetAuthorizationToken calls (each retry counts) by API (ecr, ecr-public) and result (success, throttled, denied, no_credentials, error).",
+		}, []string{"api", "result"}),
+		tokenHits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_ecr_token_cache_hits_total",
+			Help: "Registry credentials served from the ECR token cache, by API.",
+		}, []string{"api"}),
+		tokenReject: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_ecr_token_rejections_total",
+			Help: "Registry 401 answers to an ECR token prepull fetched, by API.",
+		}, []string{"api"}),
 		lastRun: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "prepull_last_run_timestamp_seconds",
 			Help: "Unix time the last run or reconcile finished.",
@@ -99,7 +112,7 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 		perImage: perImage,
 	}
 	reg.MustRegister(m.pullDuration, m.pulls, m.pullBytes, m.pullThroughput,
-		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens,
+		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens, m.tokenHits, m.tokenReject,
 		m.lastRun, m.lastSuccess, m.runDuration, m.buildInfo)
 	for _, r := range []string{"success", "failure"} {
 		m.pullDuration.WithLabelValues(r)
@@ -108,8 +121,8 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 	for _, s := range []string{"ready", "missing", "failed", "unpinned"} {
 		m.images.WithLabelValues(s)
 	}
-	for _, r := range []string{"read", "skipped_symlink", "skipped_special", "error"} {
-		m.warmFiles.WithLabelValues(r)
+	for _, r := range []warmup.Result{warmup.ResultRead, warmup.ResultSymlink, warmup.ResultSpecial, warmup.ResultError} {
+		m.warmFiles.WithLabelValues(string(r))
 	}
 	if perImage {
 		m.imageReady = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -148,22 +161,38 @@ func (m *Metrics) PullFinished(r Result) {
 	}
 }
 
-// WarmFinished records one image's warm-up.
-func (m *Metrics) WarmFinished(d time.Duration, bytes int64, files map[string]int64) {
-	m.warmDuration.Observe(d.Seconds())
-	m.warmBytes.Add(float64(bytes))
-	for result, n := range files {
-		m.warmFiles.WithLabelValues(result).Add(float64(n))
-	}
-}
+var (
+	_ warmup.Observer  = (*Metrics)(nil)
+	_ ecrauth.Observer = (*Metrics)(nil)
+)
 
-// TokenRequest records an ECR token request by result.
-func (m *Metrics) TokenRequest(result string) { m.tokens.WithLabelValues(result).Inc() }
+// AddBytes implements warmup.Observer.
+func (m *Metrics) AddBytes(n int64) { m.warmBytes.Add(float64(n)) }
+
+// AddFile implements warmup.Observer; results are warmup's bounded set.
+func (m *Metrics) AddFile(r warmup.Result) { m.warmFiles.WithLabelValues(string(r)).Inc() }
+
+// ObserveImage implements warmup.Observer.
+func (m *Metrics) ObserveImage(_ string, seconds float64) { m.warmDuration.Observe(seconds) }
+
+// TokenRequest implements ecrauth.Observer.
+func (m *Metrics) TokenRequest(api, result string) { m.tokens.WithLabelValues(api, result).Inc() }
+
+// CacheHit implements ecrauth.Observer.
+func (m *Metrics) CacheHit(api string) { m.tokenHits.WithLabelValues(api).Inc() }
+
+// TokenRejected implements ecrauth.Observer.
+func (m *Metrics) TokenRejected(api string) { m.tokenReject.WithLabelValues(api).Inc() }
 
 // SetBuildInfo sets prepull_build_info.
 func (m *Metrics) SetBuildInfo(version, goVersion, containerdVersion, snapshotter string) {
 	m.buildInfo.Reset()
 	m.buildInfo.WithLabelValues(version, goVersion, containerdVersion, snapshotter).Set(1)
+}
+
+// SetRunPhase records the duration of one phase of the last run.
+func (m *Metrics) SetRunPhase(phase string, d time.Duration) {
+	m.runDuration.WithLabelValues(phase).Set(d.Seconds())
 }
 
 // RunFinished records a run's or reconcile's end: image states and times.

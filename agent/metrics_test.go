@@ -12,6 +12,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+
+	"github.com/prepull/prepull/ecrauth"
+	"github.com/prepull/prepull/warmup"
 )
 
 func TestMetricsLintAndTextfile(t *testing.T) {
@@ -21,8 +24,13 @@ func TestMetricsLintAndTextfile(t *testing.T) {
 	img := Image{Ref: "docker.io/library/nginx:1.25", Pin: true}
 	m.PullFinished(Result{Image: img, Bytes: 10 << 20, Duration: 2 * time.Second})
 	m.PullFinished(Result{Image: Image{Ref: "docker.io/library/bad:1"}, Err: errors.New("boom"), Reason: ReasonNotFound, Duration: time.Second})
-	m.WarmFinished(3*time.Second, 5<<20, map[string]int64{"read": 10, "skipped_symlink": 2})
-	m.TokenRequest("success")
+	m.AddBytes(5 << 20)
+	m.AddFile(warmup.ResultRead)
+	m.AddFile(warmup.ResultSymlink)
+	m.ObserveImage("x", 3)
+	m.TokenRequest(ecrauth.APIECR, ecrauth.ResultSuccess)
+	m.CacheHit(ecrauth.APIECR)
+	m.TokenRejected(ecrauth.APIECR)
 	m.SetBuildInfo("v1", "go1.26", "2.4.2", "overlayfs")
 	m.RunFinished([]Status{
 		{Ref: img.Ref, Present: true, Ready: true, Pinned: true, WantPin: true},

@@ -147,3 +147,18 @@ func (a *Agent) Unpin(ctx context.Context, keep []Status) ([]string, error) {
 	}
 	return changed, nil
 }
+
+// Context returns ctx in the agent's containerd namespace.
+func (a *Agent) Context(ctx context.Context) context.Context { return a.ctx(ctx) }
+
+// ContainerdImage returns the client image for img on the node, resolved
+// for img's platform (or the node's).
+func (a *Agent) ContainerdImage(ctx context.Context, img Image) (containerd.Image, error) {
+	rec, err := a.client.ImageService().Get(a.ctx(ctx), img.Ref)
+	if errdefs.IsNotFound(err) {
+		return nil, fmt.Errorf("image %s is not present (pull it first)", img.Ref)
+	} else if err != nil {
+		return nil, wrapUnavailable(fmt.Errorf("get image %s: %w", img.Ref, err))
+	}
+	return containerd.NewImageWithPlatform(a.client, rec, a.platformMatcher(img)), nil
+}

@@ -11,9 +11,12 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/containerd/containerd/v2/core/remotes/docker"
 	remoteserrors "github.com/containerd/containerd/v2/core/remotes/errors"
 	"github.com/containerd/errdefs"
 	"github.com/distribution/reference"
+
+	"github.com/prepull/prepull/ecrauth"
 )
 
 // splitRef splits a normalized reference into repository and tag ("" when the
@@ -146,6 +149,8 @@ func ReasonOf(err error) string {
 		return ReasonCanceled
 	case errors.Is(err, syscall.ENOSPC), isNoSpace(err):
 		return ReasonNoSpace
+	case errors.Is(err, ecrauth.ErrRejected), errors.Is(err, ecrauth.ErrNoCredentials), errors.Is(err, docker.ErrInvalidAuthorization):
+		return ReasonAuth
 	case errors.As(err, &status):
 		switch {
 		case status.StatusCode == http.StatusUnauthorized || status.StatusCode == http.StatusForbidden:

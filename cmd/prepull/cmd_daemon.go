@@ -26,6 +26,7 @@ const defaultDaemonMetricsAddr = ":9781"
 func newDaemonCmd(g *globals) *cobra.Command {
 	var (
 		f             imageFlags
+		w             warmFlags
 		interval      time.Duration
 		pruneUnlisted bool
 		watchEvery    time.Duration
@@ -50,15 +51,19 @@ in force whole.`,
 			if err != nil {
 				return err
 			}
+			if _, err := w.warmer(g.logger, nil); err != nil {
+				return err
+			}
 			addr := g.metricsAddr
 			if addr == "" {
 				addr = defaultDaemonMetricsAddr
 			}
-			d := &daemon{g: g, f: f, manifest: m, interval: interval, prune: pruneUnlisted, watchEvery: watchEvery, addr: addr}
+			d := &daemon{g: g, f: f, w: &w, manifest: m, interval: interval, prune: pruneUnlisted, watchEvery: watchEvery, addr: addr}
 			return d.run(cmd.Context())
 		},
 	}
 	addImageFlags(cmd, &f)
+	addWarmFlags(cmd, &w)
 	cmd.Flags().DurationVar(&interval, "interval", 5*time.Minute, "reconcile this often")
 	cmd.Flags().BoolVar(&pruneUnlisted, "prune-unlisted", false, "unpin images prepull pinned that the manifest no longer lists")
 	cmd.Flags().DurationVar(&watchEvery, "watch-interval", 2*time.Second, "check the manifest file for changes this often")
@@ -68,6 +73,7 @@ in force whole.`,
 type daemon struct {
 	g          *globals
 	f          imageFlags
+	w          *warmFlags
 	interval   time.Duration
 	prune      bool
 	watchEvery time.Duration
@@ -125,6 +131,16 @@ func (d *daemon) run(ctx context.Context) error {
 	}()
 	status := func(s string) { notify(log, "STATUS="+s) }
 	d.reconcile(ctx, r, status, log)
+	// The first run warms, like prepull run; reconciles only re-pull.
+	if wm, err := d.w.warmer(d.g.logger, tel.metrics); err == nil {
+		status("warming")
+		start := time.Now()
+		wres := r.warm(ctx, d.current().Images, wm)
+		tel.metrics.SetRunPhase("warm", time.Since(start))
+		if err := warmFailures(wres); err != nil {
+			log.Error("warm-up incomplete", zap.String("error", strings.ReplaceAll(err.Error(), "\n", "; ")))
+		}
+	}
 	close(firstDone)
 	notify(log, sddaemon.SdNotifyReady)
 

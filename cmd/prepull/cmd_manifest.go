@@ -63,13 +63,13 @@ so that builds from the manifest pull the same content.`,
 				if g.concurrency <= 0 {
 					return usagef("--concurrency must be positive, got %d", g.concurrency)
 				}
-				creds, err := newCredentials(g)
+				kc, err := newKeychain(g, nil)
 				if err != nil {
 					return err
 				}
 				ctx, cancel := g.withTimeout(cmd.Context())
 				defer cancel()
-				if err := m.Resolve(ctx, workload.NewResolver(ctx, g.hostsDir, creds), g.concurrency); err != nil {
+				if err := m.Resolve(ctx, workload.NewResolver(ctx, g.hostsDir, kc.Credentials(ctx)), g.concurrency); err != nil {
 					return fmt.Errorf("resolve tags (nothing written): %w", err)
 				}
 			}

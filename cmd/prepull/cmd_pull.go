@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"runtime"
@@ -15,13 +16,43 @@ import (
 	"github.com/prepull/prepull/agent"
 )
 
-// newPullCmd builds `prepull pull` and `prepull run`. Until the warm phase
-// lands, run is pull.
-func newPullCmd(g *globals, name, short string) *cobra.Command {
+// newRunCmd builds `prepull run`: pull, then warm.
+func newRunCmd(g *globals) *cobra.Command {
+	var (
+		f    imageFlags
+		w    warmFlags
+		once bool
+	)
+	cmd := &cobra.Command{
+		Use:   "run [--manifest FILE | --image REF ...]",
+		Short: "Pull, then warm the images: the main job",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			g.ran = true
+			m, err := f.load(cmd, g)
+			if err != nil {
+				return err
+			}
+			if _, err := w.warmer(g.logger, nil); err != nil {
+				return err
+			}
+			ctx, cancel := g.withTimeout(cmd.Context())
+			defer cancel()
+			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, true, &w) })
+		},
+	}
+	addImageFlags(cmd, &f)
+	addWarmFlags(cmd, &w)
+	addOnceFlag(cmd, &once)
+	return cmd
+}
+
+// newPullCmd builds `prepull pull`: pull only.
+func newPullCmd(g *globals) *cobra.Command {
 	var f imageFlags
 	cmd := &cobra.Command{
-		Use:   name + " [--manifest FILE | --image REF ...]",
-		Short: short,
+		Use:   "pull [--manifest FILE | --image REF ...]",
+		Short: "Pull the images only",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			g.ran = true
@@ -31,16 +62,17 @@ func newPullCmd(g *globals, name, short string) *cobra.Command {
 			}
 			ctx, cancel := g.withTimeout(cmd.Context())
 			defer cancel()
-			return pullImages(ctx, g, m)
+			return runJob(ctx, g, m, true, nil)
 		},
 	}
 	addImageFlags(cmd, &f)
 	return cmd
 }
 
-// pullImages is a one-shot run: pull m's images, report one line per image
-// and a summary, record metrics, and write the textfile.
-func pullImages(ctx context.Context, g *globals, m *agent.Manifest) (err error) {
+// runJob is a one-shot run: pull m's images (when pull is set) and warm them
+// (when w is set), report one line per image and a summary, record metrics,
+// and write the textfile.
+func runJob(ctx context.Context, g *globals, m *agent.Manifest, pull bool, w *warmFlags) (err error) {
 	tel := newTelemetry(g.metricsPerImage)
 	if g.textfile != "" {
 		defer func() {
@@ -66,16 +98,41 @@ func pullImages(ctx context.Context, g *globals, m *agent.Manifest) (err error) 
 		return err
 	}
 	defer r.close()
-	results, pullTime := r.pull(ctx, m.Images, nil)
-	sum := agent.Summarize(results, pullTime)
-	g.logger.Info("pull finished",
-		zap.Int("images", sum.Total), zap.Int("ready", sum.Ready), zap.Int("failed", sum.Failed),
-		zap.Int64("bytes", sum.Bytes), zap.Float64("seconds", sum.Duration.Seconds()))
-	writeResults(g.stdout, results, sum)
-	if _, rerr := r.record(ctx, m.Images, results, map[string]time.Duration{"pull": pullTime}); rerr != nil {
-		g.logger.Warn("inspect after pull", zap.Error(rerr))
+	phases := map[string]time.Duration{}
+	var results []agent.Result
+	toWarm := m.Images
+	if pull {
+		var pullTime time.Duration
+		results, pullTime = r.pull(ctx, m.Images, nil)
+		phases["pull"] = pullTime
+		sum := agent.Summarize(results, pullTime)
+		g.logger.Info("pull finished",
+			zap.Int("images", sum.Total), zap.Int("ready", sum.Ready), zap.Int("failed", sum.Failed),
+			zap.Int64("bytes", sum.Bytes), zap.Float64("seconds", sum.Duration.Seconds()))
+		writeResults(g.stdout, results, sum)
+		toWarm = nil
+		for _, res := range results {
+			if res.Err == nil {
+				toWarm = append(toWarm, res.Image)
+			}
+		}
 	}
-	return agent.Failures(results)
+	var warmErr error
+	if w != nil {
+		wm, werr := w.warmer(g.logger, tel.metrics)
+		if werr != nil {
+			return werr
+		}
+		start := time.Now()
+		wres := r.warm(ctx, toWarm, wm)
+		phases["warm"] = time.Since(start)
+		writeWarmResults(g.stdout, wres, phases["warm"])
+		warmErr = warmFailures(wres)
+	}
+	if _, rerr := r.record(ctx, m.Images, results, phases); rerr != nil {
+		g.logger.Warn("inspect after run", zap.Error(rerr))
+	}
+	return errors.Join(agent.Failures(results), warmErr)
 }
 
 // runner is one connection to containerd with its agent and metrics.
@@ -93,7 +150,7 @@ func newRunner(ctx context.Context, g *globals, tel *telemetry) (*runner, error)
 		return nil, err
 	}
 	r := &runner{g: g, client: client, tel: tel, finished: &pullCounter{}}
-	if r.agent, err = g.newAgent(client, tel.metrics, r.finished); err != nil {
+	if r.agent, err = g.newAgent(ctx, client, tel.metrics, r.finished); err != nil {
 		client.Close()
 		return nil, err
 	}

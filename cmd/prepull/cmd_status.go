@@ -96,7 +96,7 @@ func inspect(cmd *cobra.Command, g *globals, m *agent.Manifest) ([]agent.Status,
 		return nil, err
 	}
 	defer client.Close()
-	a, err := g.newAgent(client)
+	a, err := g.newAgent(ctx, client, nil)
 	if err != nil {
 		return nil, err
 	}

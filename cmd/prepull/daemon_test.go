@@ -245,7 +245,39 @@ func TestRunWritesTextfile(t *testing.T) {
 	if fams["prepull_last_run_timestamp_seconds"].GetMetric()[0].GetGauge().GetValue() == 0 {
 		t.Error("last run timestamp not set")
 	}
+	if v := fams["prepull_warmup_bytes_total"].GetMetric()[0].GetCounter().GetValue(); v < 32<<10 {
+		t.Errorf("warmup bytes = %v, want the image's files (32 KiB) read", v)
+	}
+	if v := val("prepull_warmup_files_total", "result", "read"); v != 2 {
+		t.Errorf("warmup files read = %v, want 2", v)
+	}
+	if v := val("prepull_run_duration_seconds", "phase", "warm"); v <= 0 {
+		t.Errorf("warm phase duration = %v", v)
+	}
 	if _, ok := fams["go_goroutines"]; ok {
 		t.Error("textfile carries Go runtime metrics that node_exporter already exports")
 	}
+}
+
+func TestWarmCommand(t *testing.T) {
+	rt := "warmcmd/app:1"
+	pushSmall(t, rt, 320)
+	p := newProxy(t)
+	ref := p.Host + "/" + rt
+	// Not pulled yet: warm fails for it, naming it.
+	c := runPrepull(t, "warm", "--image", ref)
+	c.wantCode(1)
+	if !strings.Contains(c.stderr, ref) || !strings.Contains(c.stderr, "not present") {
+		t.Errorf("warm of a missing image: %s", c.stderr)
+	}
+	runPrepull(t, "pull", "--image", ref).wantCode(0)
+	for _, mode := range []string{"read", "fadvise"} {
+		c = runPrepull(t, "warm", "--image", ref, "--warm-mode", mode, "--warm-rate", "64MiB", "--warm-workers", "4")
+		c.wantCode(0)
+		if !strings.Contains(c.stdout, "done  "+ref) || !strings.Contains(c.stdout, "warmed 1 images (0 failed): read 32.0KiB") {
+			t.Errorf("warm (%s) table:\n%s", mode, c.stdout)
+		}
+	}
+	runPrepull(t, "warm", "--image", ref, "--warm-mode", "mmap").wantCode(2)
+	runPrepull(t, "warm", "--image", ref, "--warm-budget", "lots").wantCode(2)
 }

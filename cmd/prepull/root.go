@@ -95,13 +95,15 @@ environment over the manifest's settings.`,
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
-		newPullCmd(g, "run", "Pull, then warm the images: the main job"),
-		newPullCmd(g, "pull", "Pull the images only"),
+		newRunCmd(g),
+		newPullCmd(g),
+		newWarmCmd(g),
 		newVerifyCmd(g),
 		newStatusCmd(g),
 		newVersionCmd(g),
 		newDaemonCmd(g),
 		newManifestCmd(g), newLintCmd(g),
+		newInstallCmd(g),
 	)
 	return root
 }
@@ -246,8 +248,8 @@ func (g *globals) withTimeout(ctx context.Context) (context.Context, context.Can
 	return context.WithCancel(ctx)
 }
 
-// newAgent builds the agent with the global settings.
-func (g *globals) newAgent(client *containerd.Client, obs ...agent.Observer) (*agent.Agent, error) {
+// newAgent builds the agent with the global settings; metrics may be nil.
+func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metrics *agent.Metrics, obs ...agent.Observer) (*agent.Agent, error) {
 	if g.concurrency <= 0 {
 		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
 	}
@@ -267,9 +269,12 @@ func (g *globals) newAgent(client *containerd.Client, obs ...agent.Observer) (*a
 	if g.maxDownloads <= 0 || g.downloadLimit < 0 || g.unpackLimit < 0 {
 		return nil, usagef("--max-downloads must be positive and --download-limit/--unpack-limit not negative")
 	}
-	creds, err := newCredentials(g)
+	kc, err := newKeychain(g, metrics)
 	if err != nil {
 		return nil, err
+	}
+	if metrics != nil {
+		obs = append(obs, metrics)
 	}
 	return agent.New(client, g.logger.Named("agent"), agent.Options{
 		Namespace:              g.namespace,
@@ -281,7 +286,8 @@ func (g *globals) newAgent(client *containerd.Client, obs ...agent.Observer) (*a
 		DownloadLimit:          g.downloadLimit,
 		UnpackLimit:            g.unpackLimit,
 		DiscardLayers:          discard,
-		Credentials:            creds,
+		Credentials:            kc.Credentials(ctx),
+		WrapTransport:          kc.WrapTransport,
 		Observer:               observers(obs),
 	}), nil
 }
