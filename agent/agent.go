@@ -77,6 +77,8 @@ type Options struct {
 	DiscardLayers *bool
 	// Observer receives per-image events; nil means none.
 	Observer Observer
+	// ImageTimeout bounds one image's pull, retries included (0: none).
+	ImageTimeout time.Duration
 }
 
 // Observer receives pull events, for metrics and progress. Methods are called
@@ -243,6 +245,11 @@ func (a *Agent) Pull(ctx context.Context, imgs []Image) ([]Result, error) {
 
 func (a *Agent) pullOne(ctx context.Context, img Image, snapshotter string) Result {
 	start := time.Now()
+	if a.opts.ImageTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, a.opts.ImageTimeout)
+		defer cancel()
+	}
 	log := a.log.With(zap.String("image", img.Ref))
 	res := Result{Image: img}
 	st := &pullState{ref: img.Ref, started: start}
@@ -274,7 +281,13 @@ func (a *Agent) pullOne(ctx context.Context, img Image, snapshotter string) Resu
 func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Result, st *pullState) error {
 	// One lease for the pull and the records: nothing it fetched can be
 	// collected before the records that reference it exist.
-	ctx, done, err := a.client.WithLease(ctx, leases.WithRandomID(), leases.WithExpiration(24*time.Hour))
+	// The lease expires on its own if prepull dies (or containerd does and
+	// the release fails): an image's deadline plus a margin, else 6 h.
+	expire := 6 * time.Hour
+	if a.opts.ImageTimeout > 0 {
+		expire = a.opts.ImageTimeout + 10*time.Minute
+	}
+	ctx, done, err := a.client.WithLease(ctx, leases.WithRandomID(), leases.WithExpiration(expire))
 	if err != nil {
 		return wrapUnavailable(fmt.Errorf("create lease: %w", err))
 	}
@@ -309,10 +322,32 @@ func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Re
 	if a.discard {
 		opts = append(opts, containerd.WithChildLabelMap(images.ChildGCLabelsFilterLayers))
 	}
+	// client.Pull writes the reference's record itself once the image is
+	// unpacked; remember what was there so a failure after that point can
+	// put it back instead of leaving a record without its siblings.
+	is := a.client.ImageService()
+	before := map[string]*images.Image{}
+	if prev, err := is.Get(ctx, img.Ref); err == nil {
+		before[img.Ref] = &prev
+	} else if !errdefs.IsNotFound(err) {
+		return wrapUnavailable(fmt.Errorf("get image %s: %w", img.Ref, err))
+	} else {
+		before[img.Ref] = nil
+	}
 	image, err := a.client.Pull(ctx, img.Ref, opts...)
 	if err != nil {
 		return explainPullError(err, img)
 	}
+	err = a.writeRecords(ctx, img, image, labels, before, res)
+	if err != nil {
+		a.rollback(context.WithoutCancel(ctx), before)
+	}
+	return err
+}
+
+// writeRecords creates the tag, digest and id records for a pulled image.
+// before gets the previous state of every record it touches.
+func (a *Agent) writeRecords(ctx context.Context, img Image, image containerd.Image, labels map[string]string, before map[string]*images.Image, res *Result) error {
 	target := image.Target()
 	cfg, err := image.Config(ctx)
 	if err != nil {
@@ -320,17 +355,47 @@ func (a *Agent) pull(ctx context.Context, img Image, snapshotter string, res *Re
 	}
 	res.Digest = target.Digest.String()
 	res.ConfigID = cfg.Digest.String()
-
 	names, err := recordNames(img, target.Digest.String(), res.ConfigID)
 	if err != nil {
 		return err
 	}
+	is := a.client.ImageService()
 	for _, name := range names {
+		if _, seen := before[name]; !seen {
+			if prev, err := is.Get(ctx, name); err == nil {
+				before[name] = &prev
+			} else if errdefs.IsNotFound(err) {
+				before[name] = nil
+			} else {
+				return wrapUnavailable(fmt.Errorf("get image %s: %w", name, err))
+			}
+		}
 		if err := a.putRecord(ctx, name, image.Metadata(), labels); err != nil {
 			return wrapUnavailable(fmt.Errorf("create image record %s: %w", name, err))
 		}
 	}
 	return nil
+}
+
+// rollback restores the records in before: deletes the ones that did not
+// exist, puts back the others, so a failed image leaves nothing that claims
+// it is ready. Best effort: containerd may be the reason it failed.
+func (a *Agent) rollback(ctx context.Context, before map[string]*images.Image) {
+	is := a.client.ImageService()
+	for name, prev := range before {
+		var err error
+		if prev == nil {
+			err = is.Delete(ctx, name)
+			if errdefs.IsNotFound(err) {
+				err = nil
+			}
+		} else {
+			_, err = is.Update(ctx, *prev, "target", "labels")
+		}
+		if err != nil {
+			a.log.Warn("roll back image record", zap.String("record", name), zap.Error(err))
+		}
+	}
 }
 
 // pullState is one pull in flight.

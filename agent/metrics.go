@@ -26,6 +26,7 @@ type Metrics struct {
 	tokens      *prometheus.CounterVec
 	tokenHits   *prometheus.CounterVec
 	tokenReject *prometheus.CounterVec
+	retries     *prometheus.CounterVec
 	lastRun     prometheus.Gauge
 	lastSuccess prometheus.Gauge
 	runDuration *prometheus.GaugeVec
@@ -93,6 +94,10 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 			Name: "prepull_ecr_token_rejections_total",
 			Help: "Registry 401 answers to an ECR token prepull fetched, by API.",
 		}, []string{"api"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_registry_retries_total",
+			Help: "Registry requests retried or resumed, by reason: throttled, server_error, transport, stall, resume.",
+		}, []string{"reason"}),
 		lastRun: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "prepull_last_run_timestamp_seconds",
 			Help: "Unix time the last run or reconcile finished.",
@@ -112,7 +117,7 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 		perImage: perImage,
 	}
 	reg.MustRegister(m.pullDuration, m.pulls, m.pullBytes, m.pullThroughput,
-		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens, m.tokenHits, m.tokenReject,
+		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens, m.tokenHits, m.tokenReject, m.retries,
 		m.lastRun, m.lastSuccess, m.runDuration, m.buildInfo)
 	for _, r := range []string{"success", "failure"} {
 		m.pullDuration.WithLabelValues(r)
@@ -189,6 +194,10 @@ func (m *Metrics) SetBuildInfo(version, goVersion, containerdVersion, snapshotte
 	m.buildInfo.Reset()
 	m.buildInfo.WithLabelValues(version, goVersion, containerdVersion, snapshotter).Set(1)
 }
+
+// RegistryRetry counts one retried or resumed registry request
+// (RetryOptions.OnRetry).
+func (m *Metrics) RegistryRetry(reason string) { m.retries.WithLabelValues(reason).Inc() }
 
 // SetRunPhase records the duration of one phase of the last run.
 func (m *Metrics) SetRunPhase(phase string, d time.Duration) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -131,6 +132,7 @@ const (
 	ReasonUnpack      = "unpack"
 	ReasonUnavailable = "containerd_unavailable"
 	ReasonInvalidRef  = "invalid_ref"
+	ReasonUnreachable = "registry_unreachable"
 	ReasonCanceled    = "canceled"
 	ReasonOther       = "other"
 )
@@ -143,8 +145,10 @@ func ReasonOf(err error) string {
 		return ""
 	case errors.Is(err, ErrContainerdUnavailable):
 		return ReasonUnavailable
-	case errors.Is(err, context.DeadlineExceeded), errdefs.IsDeadlineExceeded(err):
+	case errors.Is(err, context.DeadlineExceeded), errdefs.IsDeadlineExceeded(err), isNetTimeout(err):
 		return ReasonTimeout
+	case errors.Is(err, syscall.ECONNREFUSED), isDialError(err):
+		return ReasonUnreachable
 	case errors.Is(err, context.Canceled), errdefs.IsCanceled(err):
 		return ReasonCanceled
 	case errors.Is(err, syscall.ENOSPC), isNoSpace(err):
@@ -173,6 +177,17 @@ func ReasonOf(err error) string {
 		return ReasonUnpack
 	}
 	return ReasonOther
+}
+
+func isNetTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func isDialError(err error) bool {
+	var oe *net.OpError
+	var dns *net.DNSError
+	return (errors.As(err, &oe) && oe.Op == "dial") || errors.As(err, &dns)
 }
 
 // isNoSpace recognizes ENOSPC raised inside the daemon: over gRPC it arrives

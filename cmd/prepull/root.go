@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"strings"
 	"time"
@@ -39,6 +40,8 @@ type globals struct {
 	unpackLimit       int
 	layerChunkSize    string
 	discardLayers     string
+	stallTimeout      time.Duration
+	imageTimeout      time.Duration
 
 	metricsPerImage bool
 
@@ -71,7 +74,11 @@ environment over the manifest's settings.`,
 			if err := applyEnv(cmd.Flags()); err != nil {
 				return err
 			}
-			return g.setupLogger()
+			if err := g.setupLogger(); err != nil {
+				return err
+			}
+			_, err := g.agentOptions()
+			return err
 		},
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &usageError{err: err} })
@@ -92,6 +99,8 @@ environment over the manifest's settings.`,
 	pf.IntVar(&g.unpackLimit, "unpack-limit", 0, "layer unpacks at once across all images (0: no bound)")
 	pf.StringVar(&g.layerChunkSize, "layer-chunk-size", "0", "fetch big layers as parallel ranged requests of this size, e.g. 16MiB (0: one stream per layer)")
 	pf.StringVar(&g.discardLayers, "discard-layers", "auto", "let containerd GC layer blobs once unpacked: auto (as the CRI's discard_unpacked_layers), true, false")
+	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long")
+	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
@@ -248,14 +257,16 @@ func (g *globals) withTimeout(ctx context.Context) (context.Context, context.Can
 	return context.WithCancel(ctx)
 }
 
-// newAgent builds the agent with the global settings; metrics may be nil.
-func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metrics *agent.Metrics, obs ...agent.Observer) (*agent.Agent, error) {
+// agentOptions validates the global pull settings into agent options; it
+// runs before any command does anything (PersistentPreRunE) and again when
+// the agent is built, after the manifest's settings applied.
+func (g *globals) agentOptions() (agent.Options, error) {
 	if g.concurrency <= 0 {
-		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
+		return agent.Options{}, usagef("--concurrency must be positive, got %d", g.concurrency)
 	}
 	chunk, err := agent.ParseSize(g.layerChunkSize)
 	if err != nil {
-		return nil, usagef("--layer-chunk-size: %v", err)
+		return agent.Options{}, usagef("--layer-chunk-size: %v", err)
 	}
 	var discard *bool
 	switch g.discardLayers {
@@ -264,19 +275,15 @@ func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metri
 		b := g.discardLayers == "true"
 		discard = &b
 	default:
-		return nil, usagef("--discard-layers %q: want auto, true or false", g.discardLayers)
+		return agent.Options{}, usagef("--discard-layers %q: want auto, true or false", g.discardLayers)
+	}
+	if g.imageTimeout < 0 || g.stallTimeout < 0 {
+		return agent.Options{}, usagef("--image-timeout and --stall-timeout must not be negative")
 	}
 	if g.maxDownloads <= 0 || g.downloadLimit < 0 || g.unpackLimit < 0 {
-		return nil, usagef("--max-downloads must be positive and --download-limit/--unpack-limit not negative")
+		return agent.Options{}, usagef("--max-downloads must be positive and --download-limit/--unpack-limit not negative")
 	}
-	kc, err := newKeychain(g, metrics)
-	if err != nil {
-		return nil, err
-	}
-	if metrics != nil {
-		obs = append(obs, metrics)
-	}
-	return agent.New(client, g.logger.Named("agent"), agent.Options{
+	return agent.Options{
 		Namespace:              g.namespace,
 		Snapshotter:            g.snapshotter,
 		HostsDir:               g.hostsDir,
@@ -286,8 +293,37 @@ func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metri
 		DownloadLimit:          g.downloadLimit,
 		UnpackLimit:            g.unpackLimit,
 		DiscardLayers:          discard,
-		Credentials:            kc.Credentials(ctx),
-		WrapTransport:          kc.WrapTransport,
-		Observer:               observers(obs),
-	}), nil
+		ImageTimeout:           g.imageTimeout,
+	}, nil
+}
+
+// newAgent builds the agent with the global settings; metrics may be nil.
+func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metrics *agent.Metrics, obs ...agent.Observer) (*agent.Agent, error) {
+	if g.concurrency <= 0 {
+		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
+	}
+	opts, err := g.agentOptions()
+	if err != nil {
+		return nil, err
+	}
+	kc, err := newKeychain(g, metrics)
+	if err != nil {
+		return nil, err
+	}
+	if metrics != nil {
+		obs = append(obs, metrics)
+	}
+	opts.Credentials = kc.Credentials(ctx)
+	retry := agent.RetryOptions{StallTimeout: g.stallTimeout, Log: g.logger.Named("registry")}
+	if metrics != nil {
+		retry.OnRetry = metrics.RegistryRetry
+	}
+	// The keychain sees the final answer of each request (a 401 refreshes
+	// the ECR token); the retry layer below it absorbs 429s, 5xx, resets
+	// and stalls.
+	opts.WrapTransport = func(rt http.RoundTripper) http.RoundTripper {
+		return kc.WrapTransport(agent.NewRetryTransport(rt, retry))
+	}
+	opts.Observer = observers(obs)
+	return agent.New(client, g.logger.Named("agent"), opts), nil
 }

@@ -145,6 +145,13 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 	if opts.Snapshotter == "" {
 		opts.Snapshotter = "overlayfs"
 	}
+	if !opts.Version1 {
+		v1, err := isVersion1(opts.Binary)
+		if err != nil {
+			return nil, err
+		}
+		opts.Version1 = v1
+	}
 	c := &Containerd{opts: opts}
 	if opts.Dir == "" {
 		dir, err := os.MkdirTemp("", "ppc-")
@@ -182,6 +189,17 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 		return nil, err
 	}
 	return c, nil
+}
+
+// isVersion1 asks the binary its version: 1.x needs the version 2 config
+// schema ("containerd github.com/containerd/containerd v1.7.35 ...").
+func isVersion1(bin string) (bool, error) {
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		return false, fmt.Errorf("%s --version: %w", bin, err)
+	}
+	f := strings.Fields(string(out))
+	return len(f) >= 3 && strings.HasPrefix(strings.TrimPrefix(f[2], "v"), "1."), nil
 }
 
 func (c *Containerd) start(ctx context.Context) error {
