@@ -63,6 +63,15 @@ install: build
 clean:
 	rm -rf bin
 
+# Warm-up benchmark (issue 4): a lazily restored volume modelled with nbdkit
+# (copy-on-read + delay) → nbdfuse → loop → ext4; prepull's warm-up vs
+# vmtouch -t, find|cat and fio. Needs root and FUSE; installs its packages.
+.PHONY: bench-warm
+bench-warm:
+	@missing=""; for p in nbdkit libnbd-bin fuse3 vmtouch fio bc; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	bash bench/warm/run.sh
+
 # Fuzz the manifest parser and the reference normalizer, FUZZTIME each
 # (longer: make fuzz FUZZTIME=30m). Findings land in agent/testdata/fuzz/.
 FUZZTIME ?= 20s
