@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -280,4 +281,91 @@ func TestWarmCommand(t *testing.T) {
 	}
 	runPrepull(t, "warm", "--image", ref, "--warm-mode", "mmap").wantCode(2)
 	runPrepull(t, "warm", "--image", ref, "--warm-budget", "lots").wantCode(2)
+}
+
+// TestDaemonNotifiesAndPrunes runs the daemon under a fake systemd notify
+// socket: READY=1 comes after the first run with STATUS= lines, and with
+// --prune-unlisted an image dropped from the manifest loses its pin (and
+// kubelet's GC may take it) while the listed one keeps it.
+func TestDaemonNotifiesAndPrunes(t *testing.T) {
+	keep, drop := "prune/keep:1", "prune/drop:1"
+	dk := pushSmall(t, keep, 330)
+	dd := pushSmall(t, drop, 331)
+	p := newProxy(t)
+	refKeep, refDrop := p.Host+"/"+keep, p.Host+"/"+drop
+
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	t.Setenv("NOTIFY_SOCKET", sock)
+	msgs := make(chan string, 100)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+
+	manifest := writeFile(t, "manifest.yaml", fmt.Sprintf("images:\n  - ref: %s\n  - ref: %s\n", refKeep, refDrop))
+	addr := freeAddr(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan cli, 1)
+	go func() {
+		done <- runPrepullCtx(ctx, t, "daemon", "--manifest", manifest, "--interval", "1h",
+			"--watch-interval", "100ms", "--metrics-addr", addr, "--prune-unlisted")
+	}()
+
+	var got []string
+	waitFor(t, "READY=1 on the notify socket", 60*time.Second, func() bool {
+		select {
+		case m := <-msgs:
+			got = append(got, m)
+		default:
+		}
+		for _, m := range got {
+			if m == "READY=1" {
+				return true
+			}
+		}
+		return false
+	})
+	if !strings.Contains(strings.Join(got, "\n"), "STATUS=") {
+		t.Errorf("no STATUS= line before READY=1: %q", got)
+	}
+	criReady(t, refDrop, dd, true)
+
+	// Drop one image from the manifest: the next reconcile unpins it.
+	if err := os.WriteFile(manifest, []byte("images:\n  - ref: "+refKeep+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the dropped image unpinned", 30*time.Second, func() bool {
+		img := criImage(t, refDrop, true)
+		return img != nil && !img.Pinned
+	})
+	criReady(t, refKeep, dk, true)
+
+	cancel()
+	select {
+	case res := <-done:
+		res.wantCode(0)
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon did not stop")
+	}
+	stopping := false
+	for len(msgs) > 0 {
+		if <-msgs == "STOPPING=1" {
+			stopping = true
+		}
+	}
+	if !stopping {
+		t.Error("no STOPPING=1 on the notify socket after SIGTERM")
+	}
 }
