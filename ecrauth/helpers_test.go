@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prepull/prepull/internal/harness"
+
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials"
@@ -28,26 +30,8 @@ import (
 	"github.com/prepull/prepull/ecrauth/ecrtest"
 )
 
-// logBuffer collects JSON log lines at debug level, so tests can grep them
-// for secrets.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) Sync() error { return nil }
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// logBuffer captures log lines at debug level, for the secret grep.
+type logBuffer = harness.Buffer
 
 func newTestLogger(t *testing.T) (*zap.Logger, *logBuffer) {
 	t.Helper()

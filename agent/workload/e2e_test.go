@@ -9,7 +9,6 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"go.uber.org/zap/zaptest"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/internal/harness"
@@ -150,20 +149,9 @@ spec:
 // events).
 func criHas(t *testing.T, env *harness.Env, ref string, wantPresent bool) bool {
 	t.Helper()
-	is, _, done, err := env.Containerd.CRI()
+	img, err := env.Containerd.WaitCRIImage(t.Context(), ref, wantPresent, 20*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer done()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := is.ImageStatus(t.Context(), &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
-		if err != nil {
-			t.Fatalf("CRI ImageStatus %s: %v", ref, err)
-		}
-		if present := resp.GetImage() != nil; present == wantPresent || time.Now().After(deadline) {
-			return present
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return img != nil
 }

@@ -19,29 +19,13 @@ import (
 // newRunCmd builds `prepull run`: pull, then warm.
 func newRunCmd(g *globals) *cobra.Command {
 	var (
-		f    imageFlags
 		w    warmFlags
 		once bool
 	)
-	cmd := &cobra.Command{
-		Use:   "run [--manifest FILE | --image REF ...]",
-		Short: "Pull, then warm the images: the main job",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			g.ran = true
-			m, err := f.load(cmd, g)
-			if err != nil {
-				return err
-			}
-			if _, err := w.warmer(g.logger, nil); err != nil {
-				return err
-			}
-			ctx, cancel := g.withTimeout(cmd.Context())
-			defer cancel()
+	cmd := imageCommand(g, "run [--manifest FILE | --image REF ...]", "Pull, then warm the images: the main job",
+		w.check(g), func(ctx context.Context, m *agent.Manifest) error {
 			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, true, &w) })
-		},
-	}
-	addImageFlags(cmd, &f)
+		})
 	addWarmFlags(cmd, &w)
 	addOnceFlag(cmd, &once)
 	return cmd
@@ -49,24 +33,8 @@ func newRunCmd(g *globals) *cobra.Command {
 
 // newPullCmd builds `prepull pull`: pull only.
 func newPullCmd(g *globals) *cobra.Command {
-	var f imageFlags
-	cmd := &cobra.Command{
-		Use:   "pull [--manifest FILE | --image REF ...]",
-		Short: "Pull the images only",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			g.ran = true
-			m, err := f.load(cmd, g)
-			if err != nil {
-				return err
-			}
-			ctx, cancel := g.withTimeout(cmd.Context())
-			defer cancel()
-			return runJob(ctx, g, m, true, nil)
-		},
-	}
-	addImageFlags(cmd, &f)
-	return cmd
+	return imageCommand(g, "pull [--manifest FILE | --image REF ...]", "Pull the images only", nil,
+		func(ctx context.Context, m *agent.Manifest) error { return runJob(ctx, g, m, true, nil) })
 }
 
 // runJob is a one-shot run: pull m's images (when pull is set) and warm them

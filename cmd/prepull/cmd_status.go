@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,24 +14,17 @@ import (
 )
 
 func newStatusCmd(g *globals) *cobra.Command {
-	var (
-		f      imageFlags
-		output string
-	)
-	cmd := &cobra.Command{
-		Use:   "status [--manifest FILE | --image REF ...] [--output table|json]",
-		Short: "Show, per image, whether it is present, unpacked and pinned",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			g.ran = true
-			if output != "table" && output != "json" {
-				return usagef("--output %q: want table or json", output)
-			}
-			m, err := f.load(cmd, g)
-			if err != nil {
-				return err
-			}
-			sts, err := inspect(cmd, g, m)
+	var output string
+	check := func() error {
+		if output != "table" && output != "json" {
+			return usagef("--output %q: want table or json", output)
+		}
+		return nil
+	}
+	cmd := imageCommand(g, "status [--manifest FILE | --image REF ...] [--output table|json]",
+		"Show, per image, whether it is present, unpacked and pinned", check,
+		func(ctx context.Context, m *agent.Manifest) error {
+			sts, err := inspect(ctx, g, m)
 			if err != nil {
 				return err
 			}
@@ -46,26 +40,16 @@ func newStatusCmd(g *globals) *cobra.Command {
 					yesNo(s.Present), yesNo(s.Unpacked), pinText(s), s.Snapshotter, yesNo(s.Ready))
 			}
 			return tw.Flush()
-		},
-	}
-	addImageFlags(cmd, &f)
+		})
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	return cmd
 }
 
 func newVerifyCmd(g *globals) *cobra.Command {
-	var f imageFlags
-	cmd := &cobra.Command{
-		Use:   "verify [--manifest FILE | --image REF ...]",
-		Short: "Exit 0 iff every image is present, unpacked for the CRI snapshotter, and pinned where asked",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			g.ran = true
-			m, err := f.load(cmd, g)
-			if err != nil {
-				return err
-			}
-			sts, err := inspect(cmd, g, m)
+	return imageCommand(g, "verify [--manifest FILE | --image REF ...]",
+		"Exit 0 iff every image is present, unpacked for the CRI snapshotter, and pinned where asked", nil,
+		func(ctx context.Context, m *agent.Manifest) error {
+			sts, err := inspect(ctx, g, m)
 			if err != nil {
 				return err
 			}
@@ -82,25 +66,17 @@ func newVerifyCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("%d of %d images not ready: %s", len(notReady), len(sts), strings.Join(notReady, ", "))
 			}
 			return nil
-		},
-	}
-	addImageFlags(cmd, &f)
-	return cmd
+		})
 }
 
-func inspect(cmd *cobra.Command, g *globals, m *agent.Manifest) ([]agent.Status, error) {
-	ctx, cancel := g.withTimeout(cmd.Context())
-	defer cancel()
-	client, err := g.connect(ctx)
+// inspect reports the images' state on the node.
+func inspect(ctx context.Context, g *globals, m *agent.Manifest) ([]agent.Status, error) {
+	r, err := newRunner(ctx, g, newTelemetry(false))
 	if err != nil {
 		return nil, err
 	}
-	defer client.Close()
-	a, err := g.newAgent(ctx, client, nil)
-	if err != nil {
-		return nil, err
-	}
-	sts, err := a.Inspect(ctx, m.Images)
+	defer r.close()
+	sts, err := r.agent.Inspect(ctx, m.Images)
 	if err != nil && !errors.Is(err, agent.ErrContainerdUnavailable) {
 		return nil, fmt.Errorf("inspect images: %w", err)
 	}

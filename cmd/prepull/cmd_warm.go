@@ -61,31 +61,24 @@ func (w *warmFlags) warmer(log *zap.Logger, obs warmup.Observer) (*warmup.Warmer
 	return wm, nil
 }
 
+// check validates the warm-up flags (for imageCommand).
+func (w *warmFlags) check(g *globals) func() error {
+	return func() error {
+		_, err := w.warmer(g.logger, nil)
+		return err
+	}
+}
+
 func newWarmCmd(g *globals) *cobra.Command {
 	var (
-		f    imageFlags
 		w    warmFlags
 		once bool
 	)
-	cmd := &cobra.Command{
-		Use:   "warm [--manifest FILE | --image REF ...]",
-		Short: "Pre-read the unpacked files of images already present (hydrates a restored EBS volume)",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			g.ran = true
-			m, err := f.load(cmd, g)
-			if err != nil {
-				return err
-			}
-			if _, err := w.warmer(g.logger, nil); err != nil {
-				return err
-			}
-			ctx, cancel := g.withTimeout(cmd.Context())
-			defer cancel()
+	cmd := imageCommand(g, "warm [--manifest FILE | --image REF ...]",
+		"Pre-read the unpacked files of images already present (hydrates a restored EBS volume)",
+		w.check(g), func(ctx context.Context, m *agent.Manifest) error {
 			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, false, &w) })
-		},
-	}
-	addImageFlags(cmd, &f)
+		})
 	addWarmFlags(cmd, &w)
 	addOnceFlag(cmd, &once)
 	return cmd

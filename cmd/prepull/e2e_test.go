@@ -8,13 +8,13 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
 	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/internal/harness"
 )
@@ -69,7 +69,7 @@ func runPrepull(t *testing.T, args ...string) cli {
 
 func runPrepullCtx(ctx context.Context, t *testing.T, args ...string) cli {
 	t.Helper()
-	var stdout, stderr lockedBuffer
+	var stdout, stderr harness.Buffer
 	all := append([]string{}, args...)
 	if len(all) > 0 && all[0] != "version" {
 		all = append(all, "--containerd-address", env.Containerd.Address, "--hosts-dir", env.HostsDir, "--log-format", "json")
@@ -80,24 +80,6 @@ func runPrepullCtx(ctx context.Context, t *testing.T, args ...string) cli {
 		c.stderr += "prepull: " + err.Error() + "\n"
 	}
 	return c
-}
-
-// lockedBuffer is a bytes.Buffer safe for the logger and the test to share.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func (c cli) wantCode(code int) {
@@ -131,22 +113,11 @@ func writeFile(t *testing.T, name, content string) string {
 // catch up with the records prepull wrote.
 func criImage(t *testing.T, ref string, wantPresent bool) *runtimeapi.Image {
 	t.Helper()
-	is, _, done, err := env.Containerd.CRI()
+	img, err := env.Containerd.WaitCRIImage(t.Context(), ref, wantPresent, 20*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer done()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := is.ImageStatus(t.Context(), &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
-		if err != nil {
-			t.Fatalf("CRI ImageStatus %s: %v", ref, err)
-		}
-		if (resp.GetImage() != nil) == wantPresent || time.Now().After(deadline) {
-			return resp.GetImage()
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return img
 }
 
 // criReady asserts through the CRI that ref resolves by tag and by digest to

@@ -65,7 +65,7 @@ func faultRun(ctx context.Context, t *testing.T, address, hostsDir string, args 
 	if hostsDir == "" {
 		hostsDir = env.HostsDir
 	}
-	var stdout, stderr lockedBuffer
+	var stdout, stderr harness.Buffer
 	all := append(append([]string{}, args...), "--containerd-address", address, "--hosts-dir", hostsDir, "--log-format", "json")
 	err := run(ctx, all, &stdout, &stderr)
 	c := cli{t: t, stdout: stdout.String(), stderr: stderr.String(), code: exitCode(err), err: err}

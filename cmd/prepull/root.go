@@ -191,6 +191,36 @@ func (g *globals) setupLogger() error {
 	return nil
 }
 
+// imageCommand builds a command that works on the images of --manifest or
+// --image. Before job runs (under --timeout), the images are loaded and
+// validated and so is everything check looks at (flags the caller adds), so
+// bad input ends with exit 2 before any side effect.
+func imageCommand(g *globals, use, short string, check func() error, job func(ctx context.Context, m *agent.Manifest) error) *cobra.Command {
+	var f imageFlags
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			g.ran = true
+			m, err := f.load(cmd, g)
+			if err != nil {
+				return err
+			}
+			if check != nil {
+				if err := check(); err != nil {
+					return err
+				}
+			}
+			ctx, cancel := g.withTimeout(cmd.Context())
+			defer cancel()
+			return job(ctx, m)
+		},
+	}
+	addImageFlags(cmd, &f)
+	return cmd
+}
+
 func addImageFlags(cmd *cobra.Command, f *imageFlags) {
 	cmd.Flags().StringVar(&f.manifest, "manifest", "", "manifest file (YAML, or one image reference per line)")
 	cmd.Flags().StringArrayVar(&f.images, "image", nil, "image reference (repeatable), instead of --manifest")

@@ -1,7 +1,6 @@
 package e2e_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -115,25 +114,8 @@ func testMain(m *testing.M) int {
 	return m.Run()
 }
 
-// logBuffer captures every log line at debug level, for the secret grep.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) Sync() error { return nil }
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+// logBuffer captures log lines at debug level, for the secret grep.
+type logBuffer = harness.Buffer
 
 // rejections counts 401-driven refreshes through the metrics hook.
 type rejections struct {

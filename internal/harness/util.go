@@ -1,0 +1,59 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// Buffer is a bytes.Buffer that a logger and a test may use at once.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+// Sync lets Buffer be a zapcore.WriteSyncer.
+func (b *Buffer) Sync() error { return nil }
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// WaitCRIImage asks the CRI image service for ref the way kubelet does until
+// its presence is wantPresent or timeout passes, and returns the last answer
+// (nil when absent). The CRI's image cache follows image records through
+// events, so it may lag a moment behind what a client wrote.
+func (c *Containerd) WaitCRIImage(ctx context.Context, ref string, wantPresent bool, timeout time.Duration) (*runtimeapi.Image, error) {
+	is, _, done, err := c.CRI()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	deadline := time.Now().Add(timeout)
+	for {
+		resp, err := is.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
+		if err != nil {
+			return nil, fmt.Errorf("CRI ImageStatus %s: %w", ref, err)
+		}
+		if (resp.GetImage() != nil) == wantPresent || time.Now().After(deadline) {
+			return resp.GetImage(), nil
+		}
+		select {
+		case <-ctx.Done():
+			return resp.GetImage(), ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
