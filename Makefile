@@ -63,6 +63,14 @@ install: build
 clean:
 	rm -rf bin
 
+# Pull benchmark (issue 6): fresh containerd per contender, caches dropped;
+# installs pigz/isal/zstd/docker-registry if missing, then make harness-deps;
+# prints the table and writes bench/pull/last-run.md. Needs root; ~20 min.
+.PHONY: bench bench-pull
+bench: build
+	bench/pull/run.sh $(BENCH_ARGS)
+bench-pull: bench
+
 # Warm-up benchmark (issue 4): a lazily restored volume modelled with nbdkit
 # (copy-on-read + delay) → nbdfuse → loop → ext4; prepull's warm-up vs
 # vmtouch -t, find|cat and fio. Needs root and FUSE; installs its packages.

@@ -59,6 +59,13 @@ else
   systemctl enable $units
 fi
 
+# containerd decompresses layers with igzip when it is on its PATH: less than
+# half of unpigz's CPU (bench/pull/RESULTS.md). Best effort.
+if ! command -v igzip >/dev/null 2>&1; then
+  { dnf install -y -q isa-l-tools || dnf install -y -q isa-l || apt-get install -y -q isal; } >/dev/null 2>&1 \
+    || echo "prepull-build: igzip not installed; containerd uses its Go gzip" >&2
+fi
+
 # Pull (and verify) with containerd running; leave it as it was found, like
 # amazon-eks-ami's image caching does.
 started=""
