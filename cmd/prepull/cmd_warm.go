@@ -11,6 +11,7 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
@@ -175,13 +176,21 @@ func (r *runner) warmOne(ctx context.Context, img agent.Image, sn string, wm *wa
 }
 
 // defaultPriority is the image's entrypoint (or cmd) binary: the first file
-// a container start reads. A bare name is looked up on the image's PATH.
+// a container start reads.
 func defaultPriority(ctx context.Context, r *runner, cimg containerd.Image) []string {
 	spec, err := cimg.Spec(r.agent.Context(ctx))
 	if err != nil {
 		return nil
 	}
-	argv := append(append([]string{}, spec.Config.Entrypoint...), spec.Config.Cmd...)
+	return entrypointPaths(spec.Config)
+}
+
+// entrypointPaths turns an image config into the paths its first argument
+// may name: itself when absolute, relative to the working directory when it
+// has a slash, else each directory of the image's PATH (the warm-up reads
+// the ones that exist).
+func entrypointPaths(cfg ocispec.ImageConfig) []string {
+	argv := append(append([]string{}, cfg.Entrypoint...), cfg.Cmd...)
 	if len(argv) == 0 || argv[0] == "" {
 		return nil
 	}
@@ -190,14 +199,14 @@ func defaultPriority(ctx context.Context, r *runner, cimg containerd.Image) []st
 		return []string{path.Clean(bin)}
 	}
 	if strings.Contains(bin, "/") {
-		wd := spec.Config.WorkingDir
+		wd := cfg.WorkingDir
 		if wd == "" {
 			wd = "/"
 		}
 		return []string{path.Join(wd, bin)}
 	}
 	pathEnv := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	for _, e := range spec.Config.Env {
+	for _, e := range cfg.Env {
 		if v, ok := strings.CutPrefix(e, "PATH="); ok {
 			pathEnv = v
 		}

@@ -162,7 +162,7 @@ func startProgress(ctx context.Context, g *globals, a *agent.Agent, total int, f
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			logProgress(ctx, g.logger.Named("progress"), a, total, status)
+			logProgress(ctx, g.logger.Named("progress"), a.InFlight, total, status)
 		}()
 	}
 	return func() {
@@ -171,7 +171,7 @@ func startProgress(ctx context.Context, g *globals, a *agent.Agent, total int, f
 	}
 }
 
-func logProgress(ctx context.Context, log *zap.Logger, a *agent.Agent, total int, status func(string)) {
+func logProgress(ctx context.Context, log *zap.Logger, inFlight func() []agent.Progress, total int, status func(string)) {
 	t := time.NewTicker(progressInterval)
 	defer t.Stop()
 	for {
@@ -180,7 +180,7 @@ func logProgress(ctx context.Context, log *zap.Logger, a *agent.Agent, total int
 			return
 		case <-t.C:
 		}
-		inflight := a.InFlight()
+		inflight := inFlight()
 		for _, p := range inflight {
 			secs := time.Since(p.Started).Seconds()
 			log.Info("pull progress",
