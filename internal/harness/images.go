@@ -10,6 +10,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"sort"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -191,7 +192,13 @@ func (p *Pusher) PushIndex(ctx context.Context, repoTag string, imgs map[string]
 	if oci {
 		idx = mutate.IndexMediaType(empty.Index, types.OCIImageIndex)
 	}
-	for plat, img := range imgs {
+	plats := make([]string, 0, len(imgs))
+	for plat := range imgs {
+		plats = append(plats, plat)
+	}
+	sort.Strings(plats) // a stable index digest
+	for _, plat := range plats {
+		img := imgs[plat]
 		pl, err := v1.ParsePlatform(plat)
 		if err != nil {
 			return "", err

@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -46,8 +48,9 @@ func run() error {
 		return err
 	}
 	common := []string{"--manifest", *manifest, "--containerd-address", env.Containerd.Address, "--hosts-dir", env.HostsDir}
+	textfile := filepath.Join(env.Containerd.Dir, "prepull.prom")
 	for _, args := range [][]string{
-		append([]string{"run"}, common...),
+		append([]string{"run", "--textfile", textfile}, common...),
 		append([]string{"status"}, common...),
 		append([]string{"verify"}, common...),
 	} {
@@ -59,6 +62,16 @@ func run() error {
 			return fmt.Errorf("prepull %s: %w", args[0], err)
 		}
 		fmt.Printf("(%s took %.1fs)\n", args[0], time.Since(start).Seconds())
+	}
+	step("metrics prepull run wrote for node_exporter's textfile collector (" + textfile + ")")
+	b, err := os.ReadFile(textfile)
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "prepull_") && !strings.Contains(line, "_bucket{") {
+			fmt.Println(line)
+		}
 	}
 	return nil
 }
