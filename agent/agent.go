@@ -555,7 +555,29 @@ func (a *Agent) resolver(ctx context.Context) remotes.Resolver {
 	if a.opts.HostsDir != "" {
 		hostOpts.HostDir = config.HostDirFromRoot(a.opts.HostsDir)
 	}
-	return docker.NewResolver(docker.ResolverOptions{Hosts: config.ConfigureHosts(ctx, hostOpts)})
+	return checkedResolver{docker.NewResolver(docker.ResolverOptions{Hosts: config.ConfigureHosts(ctx, hostOpts)})}
+}
+
+// checkedResolver rejects a reference the registry serves as something other
+// than an image manifest or index (an HTML error page, a blob type) with a
+// message that says so, instead of containerd's later "not found" for it.
+type checkedResolver struct{ remotes.Resolver }
+
+// ErrNotAnImage is returned when a registry serves a reference with a media
+// type that is neither an image manifest nor an index.
+var ErrNotAnImage = errors.New("not an image manifest or index")
+
+func (r checkedResolver) Resolve(ctx context.Context, ref string) (string, ocispec.Descriptor, error) {
+	name, desc, err := r.Resolver.Resolve(ctx, ref)
+	if err != nil {
+		return name, desc, err
+	}
+	// Schema 1 goes through: containerd's own error says to rebuild it.
+	if !images.IsManifestType(desc.MediaType) && !images.IsIndexType(desc.MediaType) &&
+		desc.MediaType != images.MediaTypeDockerSchema1Manifest {
+		return name, desc, fmt.Errorf("registry served %s as %q: %w", ref, desc.MediaType, ErrNotAnImage)
+	}
+	return name, desc, nil
 }
 
 // explainPullError makes the common failures say what to do.

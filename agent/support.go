@@ -169,7 +169,7 @@ func ReasonOf(err error) string {
 		return ReasonAuth
 	case errdefs.IsNotFound(err):
 		return ReasonNotFound
-	case errdefs.IsInvalidArgument(err):
+	case errors.Is(err, ErrNotAnImage), errdefs.IsInvalidArgument(err):
 		return ReasonInvalidRef
 	case errdefs.IsUnavailable(err):
 		return ReasonUnavailable
