@@ -80,6 +80,8 @@ type Options struct {
 	Observer Observer
 	// ImageTimeout bounds one image's pull, retries included (0: none).
 	ImageTimeout time.Duration
+	// Order is OrderManifest (default) or OrderSize (biggest images first).
+	Order string
 }
 
 // Observer receives pull events, for metrics and progress. Methods are called
@@ -146,6 +148,9 @@ func New(client *containerd.Client, log *zap.Logger, opts Options) *Agent {
 	}
 	if opts.MaxConcurrentDownloads <= 0 {
 		opts.MaxConcurrentDownloads = 3
+	}
+	if opts.Order == "" {
+		opts.Order = OrderManifest
 	}
 	a := &Agent{client: client, log: log, opts: opts, locker: newKeyedMutex(), inflight: map[string]*pullState{}}
 	if opts.DownloadLimit > 0 {
@@ -222,7 +227,8 @@ func (a *Agent) Pull(ctx context.Context, imgs []Image) ([]Result, error) {
 	results := make([]Result, len(imgs))
 	sem := semaphore.NewWeighted(int64(a.opts.Concurrency))
 	var wg sync.WaitGroup
-	for i, img := range imgs {
+	for _, i := range a.dispatchOrder(ctx, imgs) {
+		img := imgs[i]
 		if err := sem.Acquire(ctx, 1); err != nil {
 			results[i] = Result{Image: img, Err: fmt.Errorf("pull %s: %w", img.Ref, err), Reason: ReasonOf(err)}
 			continue
@@ -284,9 +290,9 @@ func (a *Agent) pullOne(ctx context.Context, img Image, snapshotter string) Resu
 	res.Bytes = st.fetched.Load()
 	res.Duration = time.Since(start)
 	if err != nil {
-		res.Err = fmt.Errorf("pull %s: %w", img.Ref, err)
+		res.Err = fmt.Errorf("pull %s: %w", img.Ref, Redact(err))
 		res.Reason = ReasonOf(err)
-		log.Error("image failed", zap.String("reason", res.Reason), zap.Duration("seconds", res.Duration), zap.Error(err))
+		log.Error("image failed", zap.String("reason", res.Reason), zap.Duration("seconds", res.Duration), zap.Error(res.Err))
 		return res
 	}
 	log.Info("image ready",
@@ -388,11 +394,72 @@ func (a *Agent) writeRecords(ctx context.Context, img Image, image containerd.Im
 				return wrapUnavailable(fmt.Errorf("get image %s: %w", name, err))
 			}
 		}
-		if err := a.putRecord(ctx, name, image.Metadata(), labels); err != nil {
+		l := labels
+		if prev := before[name]; prev != nil && !img.Pin && foreignPin(prev.Labels) {
+			// pin: false only takes back prepull's own pin: a record pinned
+			// by someone else (the CRI's pinned_images, an AMI script) stays
+			// pinned and is not marked as prepull's.
+			l = map[string]string{LabelManaged: LabelManagedValue, LabelPinned: LabelPinnedValue}
+		}
+		if err := a.putRecord(ctx, name, image.Metadata(), l); err != nil {
 			return wrapUnavailable(fmt.Errorf("create image record %s: %w", name, err))
 		}
 	}
+	if tagName := tagRecord(img); tagName != "" {
+		a.releaseOld(ctx, img, before[tagName], target.Digest.String())
+	}
 	return nil
+}
+
+// tagRecord is the name of img's tag record, "" for a digest-only entry.
+func tagRecord(img Image) string {
+	repo, tag, err := splitRef(img.Ref)
+	if err != nil {
+		return ""
+	}
+	if tag == "" {
+		tag = img.Tag
+	}
+	if tag == "" {
+		return ""
+	}
+	return repo + ":" + tag
+}
+
+// foreignPin reports a record pinned by someone other than prepull.
+func foreignPin(labels map[string]string) bool {
+	return labels[LabelPinned] == LabelPinnedValue && labels[LabelOwner] != LabelOwnerValue
+}
+
+// releaseOld unpins the image a moved tag pointed at before, when prepull
+// pinned it: otherwise its digest and id records would keep it pinned (and
+// on disk, past kubelet's image GC) forever. Records someone else pinned
+// are left alone. Best effort: a failure is logged.
+func (a *Agent) releaseOld(ctx context.Context, img Image, prevTag *images.Image, newDigest string) {
+	if prevTag == nil || prevTag.Target.Digest.String() == newDigest || prevTag.Labels[LabelOwner] != LabelOwnerValue {
+		return
+	}
+	repo, _, err := splitRef(img.Ref)
+	if err != nil {
+		return
+	}
+	old := []string{repo + "@" + prevTag.Target.Digest.String()}
+	if cfg, err := containerd.NewImageWithPlatform(a.client, *prevTag, a.platformMatcher(img)).Config(ctx); err == nil {
+		old = append(old, cfg.Digest.String())
+	}
+	is := a.client.ImageService()
+	for _, name := range old {
+		rec, err := is.Get(ctx, name)
+		if err != nil || rec.Labels[LabelOwner] != LabelOwnerValue || rec.Target.Digest.String() == newDigest {
+			continue
+		}
+		rec.Labels = map[string]string{}
+		if _, err := is.Update(ctx, rec, "labels."+LabelPinned, "labels."+LabelOwner); err != nil {
+			a.log.Warn("unpin the image a moved tag left", zap.String("record", name), zap.Error(err))
+			continue
+		}
+		a.log.Info("tag moved: unpinned the image it pointed at", zap.String("image", img.Ref), zap.String("record", name))
+	}
 }
 
 // rollback restores the records in before: deletes the ones that did not

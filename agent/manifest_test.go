@@ -3,7 +3,10 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/url"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -242,5 +245,27 @@ func TestCheckedResolverRejectsNonImages(t *testing.T) {
 		if err != nil && (!errors.Is(err, ErrNotAnImage) || ReasonOf(err) != ReasonInvalidRef || !strings.Contains(err.Error(), "r/x:1")) {
 			t.Errorf("media type %q: error %v should name the ref and classify as invalid_ref", mt, err)
 		}
+	}
+}
+
+func TestRedactHidesPresignedQueries(t *testing.T) {
+	t.Parallel()
+	inner := &url.Error{Op: "Get", URL: "https://prod-us-west-2-starport-layer-bucket.s3.amazonaws.com/abc/def?X-Amz-Security-Token=SESSIONSECRET&X-Amz-Signature=SIGSECRET", Err: syscall.ECONNRESET}
+	err := Redact(fmt.Errorf("failed to do request: %w", inner))
+	msg := err.Error()
+	for _, secret := range []string{"SESSIONSECRET", "SIGSECRET"} {
+		if strings.Contains(msg, secret) {
+			t.Errorf("redacted error still contains %s: %s", secret, msg)
+		}
+	}
+	if !strings.Contains(msg, "prod-us-west-2-starport-layer-bucket.s3.amazonaws.com/abc/def") || !strings.Contains(msg, "connection reset") {
+		t.Errorf("redaction lost the useful part: %s", msg)
+	}
+	var ue *url.Error
+	if !errors.As(err, &ue) || !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("redacted error no longer unwraps: %v", err)
+	}
+	if got := Redact(errors.New("plain http://127.0.0.1:5000/v2/x/manifests/1: 404")).Error(); got != "plain http://127.0.0.1:5000/v2/x/manifests/1: 404" {
+		t.Errorf("a URL without credentials changed: %s", got)
 	}
 }

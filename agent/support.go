@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -120,6 +121,36 @@ func (b *countingBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	b.n.Add(int64(n))
 	return n, err
+}
+
+// urlInText finds URLs inside error text.
+var urlInText = regexp.MustCompile(`https?://[^\s"'<>]+`)
+
+// redacted hides credentials in the URLs an error's text carries: ECR
+// redirects layer downloads to presigned S3 URLs whose query holds a
+// session token and a signature, and Go's URL errors (and containerd's
+// status errors) print the whole URL. errors.Is and errors.As still see
+// the original error.
+type redacted struct{ err error }
+
+func (r redacted) Error() string { return RedactText(r.err.Error()) }
+
+// RedactText hides userinfo and query values of the URLs in s.
+func RedactText(s string) string {
+	return urlInText.ReplaceAllStringFunc(s, func(u string) string {
+		trail := strings.TrimRight(u, ".,:;)]}")
+		return ecrauth.RedactURL(trail) + u[len(trail):]
+	})
+}
+
+func (r redacted) Unwrap() error { return r.err }
+
+// Redact returns err with credentials in embedded URLs hidden from its text.
+func Redact(err error) error {
+	if err == nil {
+		return nil
+	}
+	return redacted{err: err}
 }
 
 // Bounded failure reasons, for logs and metrics.

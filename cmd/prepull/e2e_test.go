@@ -381,4 +381,53 @@ func TestTagMovesToNewDigest(t *testing.T) {
 	}
 	criReady(t, ref, d2, true)
 	runPrepull(t, "verify", "--image", ref).wantCode(0)
+	// The image the tag left is no longer pinned: kubelet's GC may reclaim it.
+	waitFor(t, "the old image unpinned", 20*time.Second, func() bool {
+		old := criImage(t, first.Id, true)
+		return old != nil && !old.Pinned
+	})
+}
+
+// TestPinFalseKeepsForeignPin: pin: false takes back only prepull's own pin;
+// an image someone else pinned (the CRI's pinned_images, an AMI script)
+// stays pinned.
+func TestPinFalseKeepsForeignPin(t *testing.T) {
+	rt := "foreign/pause:3.10"
+	d := pushSmall(t, rt, 210)
+	p := newProxy(t)
+	ref := p.Host + "/" + rt
+	runPrepull(t, "pull", "--image", ref).wantCode(0)
+	// Someone else's pin: drop prepull's owner label, keep the pinned one.
+	client, err := env.Containerd.Client("k8s.io")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	repo := ref[:strings.LastIndex(ref, ":")]
+	img := criImage(t, ref, true)
+	for _, name := range []string{ref, repo + "@" + d, img.Id} {
+		rec, err := client.ImageService().Get(t.Context(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec.Labels = map[string]string{}
+		if _, err := client.ImageService().Update(t.Context(), rec, "labels."+agent.LabelOwner); err != nil {
+			t.Fatal(err)
+		}
+	}
+	manifest := writeFile(t, "m.yaml", "images:\n  - ref: "+ref+"\n    pin: false\n")
+	runPrepull(t, "pull", "--manifest", manifest).wantCode(0)
+	criReady(t, ref, d, true)
+
+	// prepull's own pin is taken back by pin: false.
+	rt2 := "foreign/own:1"
+	d2 := pushSmall(t, rt2, 211)
+	ref2 := p.Host + "/" + rt2
+	runPrepull(t, "pull", "--image", ref2).wantCode(0)
+	criReady(t, ref2, d2, true)
+	runPrepull(t, "pull", "--manifest", writeFile(t, "m2.yaml", "images:\n  - ref: "+ref2+"\n    pin: false\n")).wantCode(0)
+	waitFor(t, "prepull's own pin released", 20*time.Second, func() bool {
+		i := criImage(t, ref2, true)
+		return i != nil && !i.Pinned
+	})
 }

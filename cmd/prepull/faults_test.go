@@ -1114,6 +1114,36 @@ func TestFaultManySharedImages(t *testing.T) {
 // wrong password, 429s, a reset) at debug log level, then scans the output
 // of every run of this suite for the password and the Basic credential.
 // It runs last in this file so the scan covers the whole suite.
+// TestFaultPresignedRedirectNotLogged: ECR answers layer GETs with a
+// redirect to a presigned S3 URL whose query carries a session token; when
+// the redirected download fails, no output may contain the token.
+func TestFaultPresignedRedirectNotLogged(t *testing.T) {
+	const token = "IQoJb3JpZ2luX2VjEXAMPLE-SESSION-TOKEN"
+	p := newProxy(t)
+	rt := "faults/presigned:1"
+	_, layers := faultImage(t, env.Pusher, rt, 7200, 64<<10)
+	p.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, layers[0]) {
+			// Port 1 on loopback: nothing listens, the download fails.
+			http.Redirect(w, r, "http://127.0.0.1:1/starport-layer/"+layers[0]+"?X-Amz-Security-Token="+token+"&X-Amz-Signature=deadbeef&X-Amz-Credential=ASIAEXAMPLE", http.StatusTemporaryRedirect)
+			return true
+		}
+		return false
+	})
+	ref := p.Host + "/" + rt
+	c := faultRun(t.Context(), t, "", "", "pull", "--image", ref, "--log-level", "debug", "--image-timeout", "20s")
+	c.wantCode(1)
+	for _, secret := range []string{token, "deadbeef", "ASIAEXAMPLE"} {
+		if strings.Contains(c.stdout+c.stderr, secret) {
+			t.Errorf("output contains %q from the presigned URL:\n%s\n%s", secret, c.stdout, c.stderr)
+		}
+	}
+	if !strings.Contains(c.lastLine(), "127.0.0.1:1/starport-layer/") {
+		t.Errorf("the error should still name where the download failed: %s", c.lastLine())
+	}
+	wantNoRecords(t, env.Containerd.Address, ref)
+}
+
 func TestFaultOutputHasNoSecrets(t *testing.T) {
 	const user, password = "prepull-ci", "s3cr3t-Pa55w0rd-d0-n0t-l0g"
 	reg, err := harness.StartRegistry(t.Context(), harness.RegistryOptions{TLS: true, Users: map[string]string{user: password}})

@@ -11,6 +11,7 @@ import (
 
 	containerd "github.com/containerd/containerd/v2/client"
 	ctrdlog "github.com/containerd/log"
+	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
@@ -42,6 +43,7 @@ type globals struct {
 	discardLayers     string
 	stallTimeout      time.Duration
 	imageTimeout      time.Duration
+	order             string
 
 	metricsPerImage bool
 
@@ -101,6 +103,7 @@ environment over the manifest's settings.`,
 	pf.StringVar(&g.discardLayers, "discard-layers", "auto", "let containerd GC layer blobs once unpacked: auto (as the CRI's discard_unpacked_layers), true, false")
 	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long")
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
+	pf.StringVar(&g.order, "order", agent.OrderManifest, "start images in manifest order (manifest), or biggest first after reading every manifest (size)")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
@@ -185,6 +188,8 @@ func (g *globals) setupLogger() error {
 		return err
 	}
 	ctrdlog.L.Logger.SetOutput(g.stderr)
+	ctrdlog.L.Logger.ReplaceHooks(logrus.LevelHooks{})
+	ctrdlog.L.Logger.AddHook(redactHook{})
 	if format == "json" {
 		_ = ctrdlog.SetFormat(ctrdlog.JSONFormat)
 	}
@@ -219,6 +224,27 @@ func imageCommand(g *globals, use, short string, check func() error, job func(ct
 	}
 	addImageFlags(cmd, &f)
 	return cmd
+}
+
+// redactHook hides credentials in URLs that containerd's client logs (a
+// failed layer download logs the presigned S3 URL ECR redirected to).
+type redactHook struct{}
+
+func (redactHook) Levels() []logrus.Level { return logrus.AllLevels }
+
+func (redactHook) Fire(e *logrus.Entry) error {
+	e.Message = agent.RedactText(e.Message)
+	for k, v := range e.Data {
+		switch x := v.(type) {
+		case string:
+			e.Data[k] = agent.RedactText(x)
+		case error:
+			e.Data[k] = agent.RedactText(x.Error())
+		case fmt.Stringer:
+			e.Data[k] = agent.RedactText(x.String())
+		}
+	}
+	return nil
 }
 
 func addImageFlags(cmd *cobra.Command, f *imageFlags) {
@@ -307,6 +333,9 @@ func (g *globals) agentOptions() (agent.Options, error) {
 	default:
 		return agent.Options{}, usagef("--discard-layers %q: want auto, true or false", g.discardLayers)
 	}
+	if g.order != agent.OrderSize && g.order != agent.OrderManifest {
+		return agent.Options{}, usagef("--order %q: want size or manifest", g.order)
+	}
 	if g.imageTimeout < 0 || g.stallTimeout < 0 {
 		return agent.Options{}, usagef("--image-timeout and --stall-timeout must not be negative")
 	}
@@ -324,6 +353,7 @@ func (g *globals) agentOptions() (agent.Options, error) {
 		UnpackLimit:            g.unpackLimit,
 		DiscardLayers:          discard,
 		ImageTimeout:           g.imageTimeout,
+		Order:                  g.order,
 	}, nil
 }
 
