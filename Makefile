@@ -22,6 +22,7 @@ build:
 test: harness-deps harness-deps-1.7
 	PREPULL_TEST_BIN_DIR=$(BIN_DIR) $(GO) test -race -count=1 -timeout 25m $(PKGS)
 	$(MAKE) test-matrix
+	$(MAKE) fuzz FUZZTIME=20s
 
 test-matrix: harness-deps-1.7
 	PREPULL_TEST_BIN_DIR=$(BIN_DIR_17) $(GO) test -race -count=1 -timeout 20m -run '$(MATRIX_TESTS)' ./cmd/prepull
@@ -80,10 +81,12 @@ bench-warm:
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	bash bench/warm/run.sh
 
-# Fuzz the manifest parser and the reference normalizer, FUZZTIME each
+# Fuzz the manifest parser, the reference normalizer and the ECR host parser,
+# FUZZTIME each (make test runs 20 s each)
 # (longer: make fuzz FUZZTIME=30m). Findings land in agent/testdata/fuzz/.
 FUZZTIME ?= 20s
 .PHONY: fuzz
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseManifest$$' -fuzztime $(FUZZTIME) ./agent
 	$(GO) test -run '^$$' -fuzz '^FuzzNormalizeRef$$' -fuzztime $(FUZZTIME) ./agent
+	$(GO) test -run '^$$' -fuzz '^FuzzParseHost$$' -fuzztime $(FUZZTIME) ./ecrauth

@@ -23,6 +23,9 @@ type CRIInfo struct {
 	// DiscardUnpackedLayers mirrors the CRI's discard_unpacked_layers where
 	// the CRI reports it (containerd 1.7 does; 2.x keeps it out of Status).
 	DiscardUnpackedLayers bool
+	// ImageFS is the directory the CRI reports as its image file system
+	// (the default snapshotter's root), empty when unknown.
+	ImageFS string
 }
 
 // criConfig is the part of the CRI Status "config" we read. containerd 1.7
@@ -58,19 +61,25 @@ func DetectCRI(ctx context.Context, conn *grpc.ClientConn) (CRIInfo, error) {
 			info.DiscardUnpackedLayers = c.Containerd.DiscardUnpackedLayers
 			if rt, ok := c.Containerd.Runtimes[c.Containerd.DefaultRuntimeName]; ok && rt.Snapshotter != "" {
 				info.Snapshotter, info.Source = rt.Snapshotter, "cri runtime "+c.Containerd.DefaultRuntimeName
-				return info, nil
-			}
-			if c.Containerd.Snapshotter != "" {
+			} else if c.Containerd.Snapshotter != "" {
 				info.Snapshotter, info.Source = c.Containerd.Snapshotter, "cri config"
-				return info, nil
 			}
 		}
 	}
 	is := runtimeapi.NewImageServiceClient(conn)
 	fs, err := is.ImageFsInfo(ctx, &runtimeapi.ImageFsInfoRequest{})
 	if err != nil {
+		if info.Snapshotter != "" {
+			return info, nil // the image file system only helps sync
+		}
 		errs = append(errs, fmt.Errorf("cri imagefs info: %w", err))
 		return info, errors.Join(errs...)
+	}
+	if f := fs.GetImageFilesystems(); len(f) > 0 {
+		info.ImageFS = f[0].GetFsId().GetMountpoint()
+	}
+	if info.Snapshotter != "" {
+		return info, nil
 	}
 	for _, f := range fs.GetImageFilesystems() {
 		base := filepath.Base(f.GetFsId().GetMountpoint())

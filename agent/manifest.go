@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -198,7 +199,7 @@ func (p *parser) parseYAML(data []byte) {
 		return
 	}
 	sawImages := false
-	forEachKey(root, func(k, v *yaml.Node) {
+	p.forEachKey(root, func(k, v *yaml.Node) {
 		switch k.Value {
 		case "images":
 			sawImages = true
@@ -230,7 +231,7 @@ func (p *parser) parseImages(v *yaml.Node) {
 			img.Written = item.Value
 		case yaml.MappingNode:
 			ok := true
-			forEachKey(item, func(k, val *yaml.Node) {
+			p.forEachKey(item, func(k, val *yaml.Node) {
 				switch k.Value {
 				case "ref":
 					if !p.scalar(val, "ref") {
@@ -284,7 +285,7 @@ func (p *parser) warm(v *yaml.Node, img *Image) bool {
 	}
 	ok := true
 	img.Warm = true
-	forEachKey(v, func(k, val *yaml.Node) {
+	p.forEachKey(v, func(k, val *yaml.Node) {
 		switch k.Value {
 		case "enabled":
 			b, good := p.boolean(val, "warm.enabled")
@@ -325,7 +326,7 @@ func (p *parser) parseSettings(v *yaml.Node) {
 		return
 	}
 	s := &p.m.Settings
-	forEachKey(v, func(k, val *yaml.Node) {
+	p.forEachKey(v, func(k, val *yaml.Node) {
 		name := strings.ReplaceAll(k.Value, "_", "-")
 		switch name {
 		case "concurrency":
@@ -489,7 +490,7 @@ func ParseSize(s string) (int64, error) {
 	}
 	num, unit := s[:i], strings.ToLower(strings.TrimSpace(s[i:]))
 	n, err := strconv.ParseFloat(num, 64)
-	if err != nil || n < 0 {
+	if err != nil || n < 0 || strings.ContainsAny(num, "eE") {
 		return 0, fmt.Errorf("invalid size %q (want e.g. 1048576, 512KiB, 1MiB, 2G)", s)
 	}
 	mult := map[string]float64{
@@ -502,18 +503,24 @@ func ParseSize(s string) (int64, error) {
 	if mult == 0 {
 		return 0, fmt.Errorf("invalid size %q: unknown unit %q", s, unit)
 	}
+	if n*mult >= math.MaxInt64 {
+		return 0, fmt.Errorf("invalid size %q: too large", s)
+	}
 	return int64(n * mult), nil
 }
 
-func forEachKey(m *yaml.Node, fn func(k, v *yaml.Node)) {
-	seen := map[string]bool{}
+// forEachKey calls fn for each key of mapping m; a key given twice is an
+// error (decoding into yaml.Node does not reject it, and silently taking one
+// of "pin: true" and "pin: false" would be a guess).
+func (p *parser) forEachKey(m *yaml.Node, fn func(k, v *yaml.Node)) {
+	seen := map[string]int{}
 	for i := 0; i+1 < len(m.Content); i += 2 {
 		k := m.Content[i]
-		if seen[k.Value] {
-			// yaml.v3 rejects duplicate keys already; keep the guard for safety.
+		if first, dup := seen[k.Value]; dup {
+			p.errorf(k.Line, "duplicate key %q (first at line %d)", k.Value, first)
 			continue
 		}
-		seen[k.Value] = true
+		seen[k.Value] = k.Line
 		fn(k, m.Content[i+1])
 	}
 }

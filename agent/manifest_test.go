@@ -99,6 +99,7 @@ func TestParseManifestErrors(t *testing.T) {
 		{"missing images", "m.yaml", "settings: {concurrency: 2}\n", []string{"m.yaml:1: missing images: list"}},
 		{"plain with spaces", "list.txt", "nginx:1 nginx:2\n", []string{"list.txt:1: expected one image reference per line"}},
 		{"relative priority", "m.yaml", "images:\n  - ref: nginx:1\n    warm:\n      priority: [bin/sh]\n", []string{"m.yaml:4: warm.priority: \"bin/sh\" is not an absolute path"}},
+		{"duplicate key", "m.yaml", "images:\n  - ref: nginx:1\n    pin: true\n    pin: false\n", []string{"m.yaml:4: duplicate key \"pin\" (first at line 3)"}},
 		{"syntax", "m.yaml", "images:\n  - ref: nginx:1\n   - ref: x\n", []string{"m.yaml:3:"}},
 	}
 	for _, tc := range cases {
@@ -158,7 +159,7 @@ func TestParseSize(t *testing.T) {
 			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "abc", "1XB", "-5"} {
+	for _, bad := range []string{"", "abc", "1XB", "-5", "1e30", "1e3", "9000000TiB", "NaN", "Inf"} {
 		if _, err := ParseSize(bad); err == nil {
 			t.Errorf("ParseSize(%q) succeeded", bad)
 		}

@@ -27,6 +27,7 @@ type Metrics struct {
 	tokenHits   *prometheus.CounterVec
 	tokenReject *prometheus.CounterVec
 	retries     *prometheus.CounterVec
+	reloads     *prometheus.CounterVec
 	lastRun     prometheus.Gauge
 	lastSuccess prometheus.Gauge
 	runDuration *prometheus.GaugeVec
@@ -98,6 +99,10 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 			Name: "prepull_registry_retries_total",
 			Help: "Registry requests retried or resumed, by reason: throttled, server_error, transport, stall, resume.",
 		}, []string{"reason"}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_manifest_reloads_total",
+			Help: "Manifest file changes the daemon saw, by result: applied, invalid (kept the previous manifest).",
+		}, []string{"result"}),
 		lastRun: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "prepull_last_run_timestamp_seconds",
 			Help: "Unix time the last run or reconcile finished.",
@@ -117,12 +122,14 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 		perImage: perImage,
 	}
 	reg.MustRegister(m.pullDuration, m.pulls, m.pullBytes, m.pullThroughput,
-		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens, m.tokenHits, m.tokenReject, m.retries,
+		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens, m.tokenHits, m.tokenReject, m.retries, m.reloads,
 		m.lastRun, m.lastSuccess, m.runDuration, m.buildInfo)
 	for _, r := range []string{"success", "failure"} {
 		m.pullDuration.WithLabelValues(r)
 	}
 	m.pulls.WithLabelValues("success", "")
+	m.reloads.WithLabelValues("applied")
+	m.reloads.WithLabelValues("invalid")
 	for _, s := range []string{"ready", "missing", "failed", "unpinned"} {
 		m.images.WithLabelValues(s)
 	}
@@ -199,16 +206,25 @@ func (m *Metrics) SetBuildInfo(version, goVersion, containerdVersion, snapshotte
 // (RetryOptions.OnRetry).
 func (m *Metrics) RegistryRetry(reason string) { m.retries.WithLabelValues(reason).Inc() }
 
+// ManifestReload counts a manifest change the daemon applied or rejected.
+func (m *Metrics) ManifestReload(result string) { m.reloads.WithLabelValues(result).Inc() }
+
 // SetRunPhase records the duration of one phase of the last run.
 func (m *Metrics) SetRunPhase(phase string, d time.Duration) {
 	m.runDuration.WithLabelValues(phase).Set(d.Seconds())
 }
 
 // RunFinished records a run's or reconcile's end: image states and times.
+// failed holds the images whose pull or warm-up failed in this run; the
+// last-success time moves only when every image is ready and none failed.
 func (m *Metrics) RunFinished(sts []Status, failed map[string]bool, phases map[string]time.Duration, at time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	counts := map[string]int{"ready": 0, "missing": 0, "failed": 0, "unpinned": 0}
+	if m.perImage {
+		// Images that left the manifest must not linger as series.
+		m.imageReady.Reset()
+	}
 	for _, s := range sts {
 		switch {
 		case s.Ready:
@@ -237,7 +253,7 @@ func (m *Metrics) RunFinished(sts []Status, failed map[string]bool, phases map[s
 		m.runDuration.WithLabelValues(phase).Set(d.Seconds())
 	}
 	m.lastRun.Set(float64(at.Unix()))
-	if counts["ready"] == len(sts) {
+	if counts["ready"] == len(sts) && len(failed) == 0 {
 		m.lastSuccess.Set(float64(at.Unix()))
 	}
 }

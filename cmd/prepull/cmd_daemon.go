@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"reflect"
 	"strings"
 	"sync"
 	"syscall"
@@ -79,6 +80,8 @@ type daemon struct {
 	watchEvery time.Duration
 	addr       string
 
+	tel *telemetry
+
 	mu       sync.Mutex
 	manifest *agent.Manifest
 }
@@ -97,7 +100,15 @@ func notify(log *zap.Logger, state string) {
 
 func (d *daemon) run(ctx context.Context) error {
 	log := d.g.logger.Named("daemon")
+	if d.g.timeout > 0 {
+		log.Info("--timeout bounds one-shot commands; the daemon runs until stopped", zap.Duration("timeout", d.g.timeout))
+	}
+	// Before anything long: SIGHUP's default action would end the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	tel := newTelemetry(d.g.metricsPerImage)
+	d.tel = tel
 	sctx, stopServer := context.WithCancel(context.WithoutCancel(ctx))
 	served, err := tel.serve(sctx, d.addr, log)
 	if err != nil {
@@ -138,17 +149,23 @@ func (d *daemon) run(ctx context.Context) error {
 		wres := r.warm(ctx, d.current().Images, wm)
 		tel.metrics.SetRunPhase("warm", time.Since(start))
 		if err := warmFailures(wres); err != nil {
-			log.Error("warm-up incomplete", zap.String("error", strings.ReplaceAll(err.Error(), "\n", "; ")))
+			log.Error("warm-up incomplete", zap.Error(err))
 		}
 	}
 	close(firstDone)
 	notify(log, sddaemon.SdNotifyReady)
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	changed := make(chan struct{}, 1)
-	go d.watch(ctx, changed, log)
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		d.watch(watchCtx, changed, log)
+	}()
+	defer func() {
+		stopWatch()
+		<-watched
+	}()
 
 	tick := time.NewTicker(d.interval)
 	defer tick.Stop()
@@ -199,7 +216,7 @@ func (d *daemon) reconcile(ctx context.Context, r *runner, status func(string), 
 		results, pullTime = r.pull(ctx, todo, status)
 		phases["pull"] = pullTime
 	}
-	sts, err = r.record(ctx, m.Images, results, phases)
+	sts, err = r.record(ctx, m.Images, failedRefs(results), phases)
 	if err != nil {
 		log.Error("inspect images", zap.Error(err))
 		return
@@ -217,6 +234,11 @@ func (d *daemon) reconcile(ctx context.Context, r *runner, status func(string), 
 			log.Info("unpinned records the manifest no longer lists", zap.Strings("records", changed))
 		}
 	}
+	if d.g.textfile != "" {
+		if err := r.tel.writeTextfile(d.g.textfile); err != nil {
+			log.Error("write metrics textfile", zap.Error(err))
+		}
+	}
 	msg := fmt.Sprintf("%d/%d images ready; last reconcile %s", ready, len(sts), time.Now().UTC().Format(time.RFC3339))
 	status(msg)
 	log.Info("reconciled", zap.Int("images", len(sts)), zap.Int("ready", ready), zap.Int("pulled", len(todo)),
@@ -231,6 +253,7 @@ func (d *daemon) reload(log *zap.Logger) bool {
 	}
 	m, err := agent.LoadManifest(d.f.manifest)
 	if err != nil {
+		d.tel.metrics.ManifestReload("invalid")
 		log.Error("manifest invalid; keeping the previous one", zap.String("manifest", d.f.manifest),
 			zap.String("error", strings.ReplaceAll(err.Error(), "\n", "; ")))
 		return false
@@ -239,8 +262,12 @@ func (d *daemon) reload(log *zap.Logger) bool {
 		log.Warn("manifest warning", zap.String("warning", w))
 	}
 	d.mu.Lock()
+	if !reflect.DeepEqual(d.manifest.Settings, m.Settings) {
+		log.Warn("manifest settings changed; the images apply now, the settings after a restart", zap.String("manifest", d.f.manifest))
+	}
 	d.manifest = m
 	d.mu.Unlock()
+	d.tel.metrics.ManifestReload("applied")
 	return true
 }
 

@@ -86,18 +86,25 @@ func runJob(ctx context.Context, g *globals, m *agent.Manifest, pull bool, w *wa
 		}
 	}
 	var warmErr error
+	var warmed []warmResult
 	if w != nil {
 		wm, werr := w.warmer(g.logger, tel.metrics)
 		if werr != nil {
 			return werr
 		}
 		start := time.Now()
-		wres := r.warm(ctx, toWarm, wm)
+		warmed = r.warm(ctx, toWarm, wm)
 		phases["warm"] = time.Since(start)
-		writeWarmResults(g.stdout, wres, phases["warm"])
-		warmErr = warmFailures(wres)
+		writeWarmResults(g.stdout, warmed, phases["warm"])
+		warmErr = warmFailures(warmed)
 	}
-	if _, rerr := r.record(ctx, m.Images, results, phases); rerr != nil {
+	failed := failedRefs(results)
+	for _, wr := range warmed {
+		if wr.Err != nil {
+			failed[wr.Image.Ref] = true
+		}
+	}
+	if _, rerr := r.record(ctx, m.Images, failed, phases); rerr != nil {
 		g.logger.Warn("inspect after run", zap.Error(rerr))
 	}
 	return errors.Join(agent.Failures(results), warmErr)
@@ -153,14 +160,20 @@ func (r *runner) pull(ctx context.Context, imgs []agent.Image, status func(strin
 	return results, time.Since(start)
 }
 
-// record inspects imgs and updates the image gauges, run times and readiness.
-func (r *runner) record(ctx context.Context, imgs []agent.Image, results []agent.Result, phases map[string]time.Duration) ([]agent.Status, error) {
+// failedRefs are the references of the failed results.
+func failedRefs(results []agent.Result) map[string]bool {
 	failed := map[string]bool{}
 	for _, res := range results {
 		if res.Err != nil {
 			failed[res.Image.Ref] = true
 		}
 	}
+	return failed
+}
+
+// record inspects imgs and updates the image gauges, run times and
+// readiness; failed are the images whose pull or warm-up failed this run.
+func (r *runner) record(ctx context.Context, imgs []agent.Image, failed map[string]bool, phases map[string]time.Duration) ([]agent.Status, error) {
 	sts, err := r.agent.Inspect(ctx, imgs)
 	if err != nil {
 		r.tel.ready.Store(false)

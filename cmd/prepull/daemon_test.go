@@ -39,12 +39,11 @@ func pushSmall(t *testing.T, repoTag string, seed uint64) string {
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := harness.FreeAddr()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	return addr
 }
 
 // waitFor polls cond until it holds or the deadline passes.
@@ -187,7 +186,9 @@ func TestDaemonReconcilesAndServesMetrics(t *testing.T) {
 	if err := os.WriteFile(manifest, []byte("images:\n  - ref: "+refA+"\n  - ref: Bad Ref\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(1500 * time.Millisecond) // a watch tick and a reconcile pass
+	waitFor(t, "the invalid edit noticed", 30*time.Second, func() bool {
+		return scrape(t, addr, "prepull_manifest_reloads_total", map[string]string{"result": "invalid"}) == 1
+	})
 	if got := scrape(t, addr, "prepull_images", map[string]string{"state": "ready"}); got != 3 {
 		t.Errorf("images{ready} = %v after an invalid edit, want 3 (the old manifest stays whole)", got)
 	}

@@ -121,27 +121,41 @@ func criImage(t *testing.T, ref string, wantPresent bool) *runtimeapi.Image {
 }
 
 // criReady asserts through the CRI that ref resolves by tag and by digest to
-// the same image, with the expected pin state.
+// the same image, with the expected pin state. The CRI's image cache follows
+// each record's create/update event on its own, so the whole picture is
+// polled for until it holds (or 20 s pass).
 func criReady(t *testing.T, ref, digest string, wantPinned bool) *runtimeapi.Image {
 	t.Helper()
-	img := criImage(t, ref, true)
-	if img == nil {
-		t.Fatalf("CRI does not know %s", ref)
-	}
 	repo := ref[:strings.LastIndex(ref, ":")]
 	byDigest := repo + "@" + digest
-	if !contains(img.RepoTags, ref) {
-		t.Errorf("CRI RepoTags of %s = %v, want it listed", ref, img.RepoTags)
+	var img *runtimeapi.Image
+	var problems []string
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		problems = problems[:0]
+		img = criImage(t, ref, true)
+		if img == nil {
+			t.Fatalf("CRI does not know %s", ref)
+		}
+		if !contains(img.RepoTags, ref) {
+			problems = append(problems, fmt.Sprintf("CRI RepoTags of %s = %v, want it listed", ref, img.RepoTags))
+		}
+		if !contains(img.RepoDigests, byDigest) {
+			problems = append(problems, fmt.Sprintf("CRI RepoDigests of %s = %v, want %s", ref, img.RepoDigests, byDigest))
+		}
+		if img.Pinned != wantPinned {
+			problems = append(problems, fmt.Sprintf("CRI pinned of %s = %v, want %v", ref, img.Pinned, wantPinned))
+		}
+		if d := criImage(t, byDigest, true); d == nil || d.Id != img.Id {
+			problems = append(problems, fmt.Sprintf("CRI lookup by digest %s = %v, want image %s", byDigest, d, img.Id))
+		}
+		if len(problems) == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	if !contains(img.RepoDigests, byDigest) {
-		t.Errorf("CRI RepoDigests of %s = %v, want %s", ref, img.RepoDigests, byDigest)
-	}
-	if img.Pinned != wantPinned {
-		t.Errorf("CRI pinned of %s = %v, want %v", ref, img.Pinned, wantPinned)
-	}
-	d := criImage(t, byDigest, true)
-	if d == nil || d.Id != img.Id {
-		t.Errorf("CRI lookup by digest %s = %v, want image %s", byDigest, d, img.Id)
+	for _, p := range problems {
+		t.Error(p)
 	}
 	return img
 }

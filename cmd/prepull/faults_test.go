@@ -863,7 +863,26 @@ func TestFaultSIGTERMMidWarm(t *testing.T) {
 	done := make(chan cli, 1)
 	// 1 MiB/s over 16 MiB: a minute of work unless cancelled.
 	go func() { done <- faultRun(ctx, t, "", "", "warm", "--image", ref, "--warm-rate", "1MiB") }()
-	time.Sleep(1500 * time.Millisecond)
+	client, err := containerd.New(env.Containerd.Address, containerd.WithDefaultNamespace("k8s.io"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	warmViews := func() []string {
+		var views []string
+		if err := client.SnapshotService("overlayfs").Walk(t.Context(), func(_ context.Context, info snapshots.Info) error {
+			if strings.HasPrefix(info.Name, "prepull-warm-") {
+				views = append(views, info.Name)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return views
+	}
+	// Cancel once the warm-up is reading (its view exists), plus a moment.
+	waitFor(t, "the warm-up's snapshot view", 30*time.Second, func() bool { return len(warmViews()) > 0 })
+	time.Sleep(300 * time.Millisecond)
 	cancel()
 	var c cli
 	select {
@@ -880,21 +899,7 @@ func TestFaultSIGTERMMidWarm(t *testing.T) {
 	if left := newLeases(t, env.Containerd.Address, before); len(left) != 0 {
 		t.Errorf("leases left after cancel: %v", left)
 	}
-	client, err := containerd.New(env.Containerd.Address, containerd.WithDefaultNamespace("k8s.io"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	var views []string
-	if err := client.SnapshotService("overlayfs").Walk(t.Context(), func(_ context.Context, info snapshots.Info) error {
-		if strings.HasPrefix(info.Name, "prepull-warm-") {
-			views = append(views, info.Name)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if len(views) != 0 {
+	if views := warmViews(); len(views) != 0 {
 		t.Errorf("warm-up views left after cancel: %v", views)
 	}
 	c = faultRun(t.Context(), t, "", "", "warm", "--image", ref)

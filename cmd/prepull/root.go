@@ -101,7 +101,7 @@ environment over the manifest's settings.`,
 	pf.IntVar(&g.unpackLimit, "unpack-limit", 0, "layer unpacks at once across all images (0: no bound)")
 	pf.StringVar(&g.layerChunkSize, "layer-chunk-size", "0", "fetch big layers as parallel ranged requests of this size, e.g. 16MiB (0: one stream per layer)")
 	pf.StringVar(&g.discardLayers, "discard-layers", "auto", "let containerd GC layer blobs once unpacked: auto (as the CRI's discard_unpacked_layers), true, false")
-	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long")
+	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long (0: never)")
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
 	pf.StringVar(&g.order, "order", agent.OrderManifest, "start images in manifest order (manifest), or biggest first after reading every manifest (size)")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
@@ -374,7 +374,11 @@ func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metri
 		obs = append(obs, metrics)
 	}
 	opts.Credentials = kc.Credentials(ctx)
-	retry := agent.RetryOptions{StallTimeout: g.stallTimeout, Log: g.logger.Named("registry")}
+	stall := g.stallTimeout
+	if stall == 0 {
+		stall = -1 // RetryOptions: negative is off, zero the default
+	}
+	retry := agent.RetryOptions{StallTimeout: stall, Log: g.logger.Named("registry")}
 	if metrics != nil {
 		retry.OnRetry = metrics.RegistryRetry
 	}

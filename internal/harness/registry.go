@@ -9,8 +9,10 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/big"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -190,14 +192,25 @@ func (r *Registry) Stop() {
 }
 
 // freeAddr returns a loopback address with a port that was free just now.
+// Ports come from 20000-31999, below Linux's ephemeral range (32768+), so a
+// port picked here is not handed to some other process's outgoing
+// connection before the registry binds it; test packages run in parallel,
+// so the pick is random rather than the kernel's next free port.
 func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+	for range 100 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 20000+mrand.IntN(12000))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return addr, nil
 	}
-	defer l.Close()
-	return l.Addr().String(), nil
+	return "", errors.New("no free loopback port in 20000-31999")
 }
+
+// FreeAddr is freeAddr for tests that start servers of their own.
+func FreeAddr() (string, error) { return freeAddr() }
 
 // writeTestCA writes a CA and a leaf certificate for hosts into dir.
 func writeTestCA(dir string, hosts []string) (caFile, certFile, keyFile string, pool *x509.CertPool, err error) {
