@@ -69,9 +69,8 @@ type counters struct {
 	symlinks, special, whiteouts, errors, budget atomic.Int64
 }
 
-// run is one Warm call's walk.
+// run is one Warm call's walk; its methods take the call's ctx.
 type run struct {
-	ctx context.Context
 	w   *Warmer
 	log *zap.Logger
 	c   counters
@@ -81,14 +80,14 @@ type run struct {
 	q          *queue // of the current exec
 }
 
-func newRun(ctx context.Context, w *Warmer, log *zap.Logger) *run {
-	r := &run{ctx: ctx, w: w, log: log}
+func newRun(w *Warmer, log *zap.Logger) *run {
+	r := &run{w: w, log: log}
 	r.budgetLeft.Store(w.cfg.budget)
 	return r
 }
 
 // complete reports whether the walks so far reached their end.
-func (r *run) complete() bool { return r.ctx.Err() == nil && !r.budgetHit.Load() }
+func (r *run) complete(ctx context.Context) bool { return ctx.Err() == nil && !r.budgetHit.Load() }
 
 func (r *run) fill(st *Stats) {
 	st.Files = r.c.files.Load()
@@ -128,8 +127,8 @@ func (r *run) result(res Result) {
 
 // exec runs the jobs, and all the jobs they create, on the Warmer's workers, until none is left,
 // the context ends or the budget runs out.
-func (r *run) exec(jobs []job) {
-	if r.ctx.Err() != nil || r.budgetHit.Load() {
+func (r *run) exec(ctx context.Context, jobs []job) {
+	if ctx.Err() != nil || r.budgetHit.Load() {
 		return
 	}
 	q := newQueue()
@@ -137,7 +136,7 @@ func (r *run) exec(jobs []job) {
 	for _, j := range jobs {
 		q.push(j)
 	}
-	stop := context.AfterFunc(r.ctx, q.close)
+	stop := context.AfterFunc(ctx, q.close)
 	defer stop()
 
 	var wg sync.WaitGroup
@@ -155,7 +154,7 @@ func (r *run) exec(jobs []job) {
 				if !ok {
 					return
 				}
-				r.do(j, buf)
+				r.do(ctx, j, buf)
 				q.done()
 			}
 		})
@@ -174,21 +173,21 @@ func (r *run) exec(jobs []job) {
 	}
 }
 
-func (r *run) do(j job, buf []byte) {
+func (r *run) do(ctx context.Context, j job, buf []byte) {
 	switch j.kind {
 	case jobDir:
-		r.list(j.path)
+		r.list(ctx, j.path)
 	case jobFile:
-		r.readFile(j, buf)
+		r.readFile(ctx, j, buf)
 	case jobSegment:
-		r.readRange(j.f, buf, j.off, j.end)
+		r.readRange(ctx, j.f, buf, j.off, j.end)
 		j.f.release()
 	}
 }
 
 // list reads one directory and queues its subdirectories and regular files. It never follows a
 // symbolic link: the directory is opened with O_NOFOLLOW and the entries come from lstat.
-func (r *run) list(dir string) {
+func (r *run) list(ctx context.Context, dir string) {
 	fd, err := openNoFollow(dir, unix.O_DIRECTORY)
 	if err != nil {
 		r.log.Debug("open directory", zap.String("path", dir), zap.Error(err))
@@ -197,7 +196,7 @@ func (r *run) list(dir string) {
 	}
 	d := os.NewFile(uintptr(fd), dir)
 	defer d.Close()
-	for r.ctx.Err() == nil && !r.budgetHit.Load() {
+	for ctx.Err() == nil && !r.budgetHit.Load() {
 		infos, err := d.Readdir(readdirBatch)
 		for _, fi := range infos {
 			r.entry(dir, fi)
@@ -239,7 +238,7 @@ func (r *run) entry(dir string, fi os.FileInfo) {
 
 // readFile opens a regular file found by the listing (or a priority path), checks that the open
 // reached the same regular file, then reads its first segment and queues the others.
-func (r *run) readFile(j job, buf []byte) {
+func (r *run) readFile(ctx context.Context, j job, buf []byte) {
 	k := fileKey{dev: j.dev, ino: j.ino}
 	if !j.priority && r.w.seenBefore(k) {
 		r.result(ResultDuplicate)
@@ -278,7 +277,7 @@ func (r *run) readFile(j job, buf []byte) {
 		f.refs.Add(1)
 		r.q.push(job{kind: jobSegment, f: f, off: off, end: min(off+seg, size)})
 	}
-	r.readRange(f, buf, 0, min(seg, size))
+	r.readRange(ctx, f, buf, 0, min(seg, size))
 	f.release()
 }
 
@@ -287,7 +286,7 @@ func (r *run) segment() int64 {
 }
 
 // readRange reads (or advises) bytes [off, end) of f, skipping holes when f is sparse.
-func (r *run) readRange(f *openFile, buf []byte, off, end int64) {
+func (r *run) readRange(ctx context.Context, f *openFile, buf []byte, off, end int64) {
 	step := int64(r.w.step())
 	pos := off
 	for pos < end {
@@ -308,7 +307,7 @@ func (r *run) readRange(f *openFile, buf []byte, off, end int64) {
 			// On another error (a file system without SEEK_DATA) read the range as data.
 		}
 		for pos < dataEnd {
-			if r.ctx.Err() != nil {
+			if ctx.Err() != nil {
 				return
 			}
 			n := r.reserve(min(step, dataEnd-pos))
@@ -319,7 +318,7 @@ func (r *run) readRange(f *openFile, buf []byte, off, end int64) {
 				return
 			}
 			if r.w.rate != nil {
-				if err := r.w.rate.wait(r.ctx, n); err != nil {
+				if err := r.w.rate.wait(ctx, n); err != nil {
 					return
 				}
 			}

@@ -167,7 +167,7 @@ func (w *Warmer) Warm(ctx context.Context, t Target) (Stats, error) {
 		return st, fmt.Errorf("warm %s: no snapshot directories", t.Name)
 	}
 
-	r := newRun(ctx, w, log)
+	r := newRun(w, log)
 	var errs []error
 
 	// Claim the layers: each is walked by the first call that reaches it.
@@ -222,9 +222,9 @@ func (w *Warmer) Warm(ctx context.Context, t Target) (Stats, error) {
 		roots = append(roots, job{kind: jobDir, path: t.Dirs[i]})
 	}
 	roots = append(roots, prio...)
-	r.exec(roots)
+	r.exec(ctx, roots)
 	st.Layers = len(mine)
-	w.finishLayers(states, mine, r.complete())
+	w.finishLayers(states, mine, r.complete(ctx))
 
 	// Layers another call was walking: wait for it; walk them here if it stopped short.
 	for _, i := range others {
@@ -245,9 +245,9 @@ func (w *Warmer) Warm(ctx context.Context, t Target) (Stats, error) {
 			st.SharedLayers++
 			continue
 		}
-		r.exec([]job{{kind: jobDir, path: t.Dirs[i]}})
+		r.exec(ctx, []job{{kind: jobDir, path: t.Dirs[i]}})
 		st.Layers++
-		w.finishLayers([]*layerState{s}, []int{0}, r.complete())
+		w.finishLayers([]*layerState{s}, []int{0}, r.complete(ctx))
 	}
 
 	r.fill(&st)
