@@ -55,7 +55,7 @@ func (w *warmFlags) warmer(log *zap.Logger, obs warmup.Observer) (*warmup.Warmer
 	if obs != nil {
 		opts = append(opts, warmup.WithObserver(obs))
 	}
-	wm, err := warmup.New(log.Named("warmup"), opts...)
+	wm, err := warmup.New(log, opts...) // it names its logger "warmup"
 	if err != nil {
 		return nil, usagef("warm-up settings: %v", err)
 	}
@@ -140,15 +140,8 @@ func (r *runner) warm(ctx context.Context, imgs []agent.Image, wm *warmup.Warmer
 			res.Err = fmt.Errorf("warm %s: %w", img.Ref, res.Err)
 			log.Error("image not warmed", zap.String("image", img.Ref), zap.Error(res.Err),
 				zap.Int64("files", res.Stats.Files), zap.Int64("bytes", res.Stats.Bytes))
-		} else {
-			s := res.Stats
-			log.Info("image warmed", zap.String("image", img.Ref), zap.Int64("files", s.Files), zap.Int64("bytes", s.Bytes),
-				zap.Float64("seconds", s.Duration.Seconds()), zap.Float64("mib_per_second", s.MiBPerSecond()),
-				zap.Int("layers", s.Layers), zap.Int("shared_layers", s.SharedLayers),
-				zap.Int64("skipped_symlinks", s.Skipped.Symlinks), zap.Int64("skipped_special", s.Skipped.Special),
-				zap.Int64("skipped_whiteouts", s.Skipped.Whiteouts), zap.Int64("errors", s.Skipped.Errors),
-				zap.Int64("skipped_budget", s.Skipped.Budget), zap.Int("priority_read", s.Priority))
 		}
+		// The Warmer logs each image's stats ("warmed image").
 		out = append(out, res)
 	}
 	return out
