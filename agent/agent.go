@@ -40,6 +40,9 @@ const (
 	LabelOwnerValue = "true"
 )
 
+// fallbackSnapshotter is used when the CRI cannot say which one it uses.
+const fallbackSnapshotter = "overlayfs"
+
 // ErrContainerdUnavailable is returned (wrapped, with the socket path) when the
 // containerd daemon cannot be reached.
 var ErrContainerdUnavailable = errors.New("containerd unreachable")
@@ -84,11 +87,10 @@ type Options struct {
 	Order string
 }
 
-// Observer receives pull events, for metrics and progress. Methods are called
-// from several goroutines.
+// Observer receives each image's pull outcome, for metrics and progress
+// (progress while pulling comes from InFlight). It is called from several
+// goroutines.
 type Observer interface {
-	// PullStarted is called when an image's pull begins.
-	PullStarted(img Image)
 	// PullFinished is called once per image with its outcome.
 	PullFinished(r Result)
 }
@@ -112,8 +114,10 @@ type Agent struct {
 
 	snapMu      sync.Mutex
 	snapshotter string // "" until detected
-	discard     bool
-	imageFS     string // the snapshotter's root, for syncfs
+	// fallbackUntil: detection failed; use fallbackSnapshotter until then.
+	fallbackUntil time.Time
+	discard       bool
+	imageFS       string // the snapshotter's root, for syncfs
 }
 
 // Connect dials containerd at address and checks that it answers. Failure
@@ -162,9 +166,6 @@ func New(client *containerd.Client, log *zap.Logger, opts Options) *Agent {
 	return a
 }
 
-// Client returns the containerd client the agent works through.
-func (a *Agent) Client() *containerd.Client { return a.client }
-
 // Snapshotter returns the snapshotter images are unpacked into: the flag's
 // value, else what the CRI plugin uses, else overlayfs (logged). Only a
 // successful detection is kept: a CRI that did not answer (containerd
@@ -175,6 +176,9 @@ func (a *Agent) Snapshotter(ctx context.Context) (string, error) {
 	defer a.snapMu.Unlock()
 	if a.snapshotter != "" {
 		return a.snapshotter, nil
+	}
+	if time.Now().Before(a.fallbackUntil) {
+		return fallbackSnapshotter, nil
 	}
 	var cri CRIInfo
 	criErr := errors.New("containerd client has no gRPC connection")
@@ -193,7 +197,9 @@ func (a *Agent) Snapshotter(ctx context.Context) (string, error) {
 	if criErr != nil || cri.Snapshotter == "" {
 		a.log.Warn("cannot tell which snapshotter the CRI plugin uses; unpacking for overlayfs (set --snapshotter to choose)",
 			zap.Error(criErr))
-		return "overlayfs", nil
+		// One run asks several times; ask the CRI again only a minute on.
+		a.fallbackUntil = time.Now().Add(time.Minute)
+		return fallbackSnapshotter, nil
 	}
 	a.snapshotter = cri.Snapshotter
 	a.log.Info("unpacking for the CRI plugin's snapshotter",
@@ -240,9 +246,6 @@ func (a *Agent) Pull(ctx context.Context, imgs []Image) ([]Result, error) {
 		go func() {
 			defer wg.Done()
 			defer sem.Release(1)
-			if a.opts.Observer != nil {
-				a.opts.Observer.PullStarted(img)
-			}
 			results[i] = a.pullOne(ctx, img, sn)
 			if a.opts.Observer != nil {
 				a.opts.Observer.PullFinished(results[i])
@@ -445,6 +448,14 @@ func tagRecord(img Image) string {
 	return repo + ":" + tag
 }
 
+// disown removes prepull's pin and owner label from rec, leaving its other
+// labels: kubelet's image GC may then reclaim the image.
+func (a *Agent) disown(ctx context.Context, rec images.Image) error {
+	rec.Labels = map[string]string{}
+	_, err := a.client.ImageService().Update(ctx, rec, "labels."+LabelPinned, "labels."+LabelOwner)
+	return err
+}
+
 // foreignPin reports a record pinned by someone other than prepull.
 func foreignPin(labels map[string]string) bool {
 	return labels[LabelPinned] == LabelPinnedValue && labels[LabelOwner] != LabelOwnerValue
@@ -472,8 +483,7 @@ func (a *Agent) releaseOld(ctx context.Context, img Image, prevTag *images.Image
 		if err != nil || rec.Labels[LabelOwner] != LabelOwnerValue || rec.Target.Digest.String() == newDigest {
 			continue
 		}
-		rec.Labels = map[string]string{}
-		if _, err := is.Update(ctx, rec, "labels."+LabelPinned, "labels."+LabelOwner); err != nil {
+		if err := a.disown(ctx, rec); err != nil {
 			a.log.Warn("unpin the image a moved tag left", zap.String("record", name), zap.Error(err))
 			continue
 		}
@@ -550,16 +560,13 @@ func (a *Agent) InFlight() []Progress {
 // the reference has one, or the manifest kept it from repo:tag@digest) and
 // the digest reference.
 func recordNames(img Image, targetDigest, configID string) ([]string, error) {
-	repo, tag, err := splitRef(img.Ref)
+	repo, _, err := splitRef(img.Ref)
 	if err != nil {
 		return nil, err
 	}
-	if tag == "" {
-		tag = img.Tag
-	}
 	names := []string{configID}
-	if tag != "" {
-		names = append(names, repo+":"+tag)
+	if tag := tagRecord(img); tag != "" {
+		names = append(names, tag)
 	}
 	return append(names, repo+"@"+targetDigest), nil
 }

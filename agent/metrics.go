@@ -150,9 +150,6 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 	return m
 }
 
-// PullStarted implements Observer.
-func (m *Metrics) PullStarted(Image) {}
-
 // PullFinished implements Observer.
 func (m *Metrics) PullFinished(r Result) {
 	result, reason := "success", ""

@@ -115,22 +115,13 @@ func (a *Agent) Unpin(ctx context.Context, keep []Status) ([]string, error) {
 	kept := map[string]bool{}
 	for _, s := range keep {
 		kept[s.Ref] = true
-		if s.Digest != "" {
-			if repo, _, err := splitRef(s.Ref); err == nil {
-				kept[repo+"@"+s.Digest] = true
-			}
-		}
-		if s.ID != "" {
-			kept[s.ID] = true
-		}
-		if s.Tag != "" {
-			if repo, _, err := splitRef(s.Ref); err == nil {
-				kept[repo+":"+s.Tag] = true
-			}
+		// Missing parts (an image not present) name no record.
+		names, _ := recordNames(Image{Ref: s.Ref, Tag: s.Tag}, s.Digest, s.ID)
+		for _, n := range names {
+			kept[n] = true
 		}
 	}
-	is := a.client.ImageService()
-	recs, err := is.List(ctx, fmt.Sprintf(`labels.%q==%s`, LabelOwner, LabelOwnerValue))
+	recs, err := a.client.ImageService().List(ctx, fmt.Sprintf(`labels.%q==%s`, LabelOwner, LabelOwnerValue))
 	if err != nil {
 		return nil, wrapUnavailable(fmt.Errorf("list prepull records: %w", err))
 	}
@@ -139,8 +130,7 @@ func (a *Agent) Unpin(ctx context.Context, keep []Status) ([]string, error) {
 		if kept[r.Name] {
 			continue
 		}
-		r.Labels = map[string]string{}
-		if _, err := is.Update(ctx, r, "labels."+LabelPinned, "labels."+LabelOwner); err != nil && !errdefs.IsNotFound(err) {
+		if err := a.disown(ctx, r); err != nil && !errdefs.IsNotFound(err) {
 			return changed, wrapUnavailable(fmt.Errorf("unpin %s: %w", r.Name, err))
 		}
 		changed = append(changed, r.Name)

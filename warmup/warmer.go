@@ -111,8 +111,14 @@ type Warmer struct {
 	onRead func(path string, off int64, n int)
 }
 
-// New returns a Warmer with the given options, or an error naming the invalid option.
-func New(log *zap.Logger, opts ...Option) (*Warmer, error) {
+// Validate checks options the way New does, without allocating the Warmer's buffers, so a
+// command can reject bad flags before it does anything.
+func Validate(opts ...Option) error {
+	_, err := newSettings(opts)
+	return err
+}
+
+func newSettings(opts []Option) (settings, error) {
 	s := settings{
 		mode:      ModeRead,
 		workers:   DefaultWorkers,
@@ -123,7 +129,16 @@ func New(log *zap.Logger, opts ...Option) (*Warmer, error) {
 		o(&s)
 	}
 	if err := s.validate(); err != nil {
-		return nil, fmt.Errorf("new warmer: %w", err)
+		return s, fmt.Errorf("new warmer: %w", err)
+	}
+	return s, nil
+}
+
+// New returns a Warmer with the given options, or an error naming the invalid option.
+func New(log *zap.Logger, opts ...Option) (*Warmer, error) {
+	s, err := newSettings(opts)
+	if err != nil {
+		return nil, err
 	}
 	w := &Warmer{
 		log:    log.Named("warmup"),

@@ -52,7 +52,7 @@ in force whole.`,
 			if err != nil {
 				return err
 			}
-			if _, err := w.warmer(g.logger, nil); err != nil {
+			if err := w.validate(); err != nil {
 				return err
 			}
 			addr := g.metricsAddr

@@ -23,7 +23,7 @@ func newRunCmd(g *globals) *cobra.Command {
 		once bool
 	)
 	cmd := imageCommand(g, "run [--manifest FILE | --image REF ...]", "Pull, then warm the images: the main job",
-		w.check(g), func(ctx context.Context, m *agent.Manifest) error {
+		w.validate, func(ctx context.Context, m *agent.Manifest) error {
 			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, true, &w) })
 		})
 	addWarmFlags(cmd, &w)

@@ -38,8 +38,8 @@ func addWarmFlags(cmd *cobra.Command, w *warmFlags) {
 	fs.StringVar(&w.budget, "warm-budget", "0", "cap on bytes read per image (0: no cap)")
 }
 
-// warmer validates the flags and builds the Warmer; obs may be nil.
-func (w *warmFlags) warmer(log *zap.Logger, obs warmup.Observer) (*warmup.Warmer, error) {
+// options turns the flags into warm-up options.
+func (w *warmFlags) options() ([]warmup.Option, error) {
 	mode, err := warmup.ParseMode(w.mode)
 	if err != nil {
 		return nil, usagef("--warm-mode: %v", err)
@@ -52,6 +52,18 @@ func (w *warmFlags) warmer(log *zap.Logger, obs warmup.Observer) (*warmup.Warmer
 	}
 	opts := []warmup.Option{warmup.WithMode(mode), warmup.WithWorkers(w.workers), warmup.WithBlockSize(int(sizes[0])),
 		warmup.WithRate(sizes[1]), warmup.WithBudget(sizes[2])}
+	if err := warmup.Validate(opts...); err != nil {
+		return nil, usagef("warm-up settings: %v", err)
+	}
+	return opts, nil
+}
+
+// warmer builds the Warmer the flags describe; obs may be nil.
+func (w *warmFlags) warmer(log *zap.Logger, obs warmup.Observer) (*warmup.Warmer, error) {
+	opts, err := w.options()
+	if err != nil {
+		return nil, err
+	}
 	if obs != nil {
 		opts = append(opts, warmup.WithObserver(obs))
 	}
@@ -62,12 +74,10 @@ func (w *warmFlags) warmer(log *zap.Logger, obs warmup.Observer) (*warmup.Warmer
 	return wm, nil
 }
 
-// check validates the warm-up flags (for imageCommand).
-func (w *warmFlags) check(g *globals) func() error {
-	return func() error {
-		_, err := w.warmer(g.logger, nil)
-		return err
-	}
+// validate checks the warm-up flags (imageCommand's check).
+func (w *warmFlags) validate() error {
+	_, err := w.options()
+	return err
 }
 
 func newWarmCmd(g *globals) *cobra.Command {
@@ -77,7 +87,7 @@ func newWarmCmd(g *globals) *cobra.Command {
 	)
 	cmd := imageCommand(g, "warm [--manifest FILE | --image REF ...]",
 		"Pre-read the unpacked files of images already present (hydrates a restored EBS volume)",
-		w.check(g), func(ctx context.Context, m *agent.Manifest) error {
+		w.validate, func(ctx context.Context, m *agent.Manifest) error {
 			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, false, &w) })
 		})
 	addWarmFlags(cmd, &w)

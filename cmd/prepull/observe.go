@@ -98,12 +98,6 @@ func (t *telemetry) writeTextfile(path string) error {
 // observers fans pull events out to several observers.
 type observers []agent.Observer
 
-func (o observers) PullStarted(img agent.Image) {
-	for _, x := range o {
-		x.PullStarted(img)
-	}
-}
-
 func (o observers) PullFinished(r agent.Result) {
 	for _, x := range o {
 		x.PullFinished(r)
@@ -113,7 +107,6 @@ func (o observers) PullFinished(r agent.Result) {
 // pullCounter counts finished pulls for the overall progress bar.
 type pullCounter struct{ n atomic.Int64 }
 
-func (c *pullCounter) PullStarted(agent.Image)   {}
 func (c *pullCounter) PullFinished(agent.Result) { c.n.Add(1) }
 
 // switchWriter is the logger's output: stderr, or the progress display
