@@ -89,6 +89,6 @@ bench-warm:
 FUZZTIME ?= 60000x
 .PHONY: fuzz
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzParseManifest$$' -fuzztime $(FUZZTIME) ./agent
-	$(GO) test -run '^$$' -fuzz '^FuzzNormalizeRef$$' -fuzztime $(FUZZTIME) ./agent
+	$(GO) test -run '^$$' -fuzz '^FuzzParseManifest$$' -fuzztime $(FUZZTIME) ./manifest
+	$(GO) test -run '^$$' -fuzz '^FuzzNormalizeRef$$' -fuzztime $(FUZZTIME) ./manifest
 	$(GO) test -run '^$$' -fuzz '^FuzzParseHost$$' -fuzztime $(FUZZTIME) ./ecrauth

@@ -11,11 +11,13 @@ import (
 
 	"github.com/containerd/containerd/v2/core/images"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prepull/prepull/manifest"
+	"github.com/prepull/prepull/registry"
 	"go.uber.org/zap"
 	"golang.org/x/sync/semaphore"
 )
 
-// Order values for Options.Order.
+// Order values for WithOrder.
 const (
 	// OrderSize starts the images with the most layer bytes first, after
 	// reading every manifest: the biggest layer is the critical path of a
@@ -32,17 +34,17 @@ const (
 // manifest (a HEAD and one or two small GETs per image, in parallel) to
 // learn its compressed layer bytes; an image whose size cannot be read
 // keeps its place after the sized ones, and its pull reports the error.
-func (a *Agent) dispatchOrder(ctx context.Context, imgs []Image) []int {
+func (a *Agent) dispatchOrder(ctx context.Context, imgs []manifest.Image) []int {
 	idx := make([]int, len(imgs))
 	for i := range idx {
 		idx[i] = i
 	}
-	if a.opts.Order != OrderSize || len(imgs) <= a.opts.Concurrency {
+	if a.opts.order != OrderSize || len(imgs) <= a.opts.concurrency {
 		return idx
 	}
 	start := time.Now()
 	sizes := make([]int64, len(imgs))
-	sem := semaphore.NewWeighted(int64(max(2*a.opts.Concurrency, 8)))
+	sem := semaphore.NewWeighted(int64(max(2*a.opts.concurrency, 8)))
 	var wg sync.WaitGroup
 	for i, img := range imgs {
 		wg.Add(1)
@@ -72,8 +74,8 @@ func (a *Agent) dispatchOrder(ctx context.Context, imgs []Image) []int {
 
 // layerBytes is the compressed size of img's layers for its platform, read
 // from the registry's manifest (and index).
-func (a *Agent) layerBytes(ctx context.Context, img Image) (int64, error) {
-	r := a.resolver(ctx)
+func (a *Agent) layerBytes(ctx context.Context, img manifest.Image) (int64, error) {
+	r := registry.NewResolver(ctx, a.opts.hostsDir, a.opts.registryOpts...)
 	name, desc, err := r.Resolve(ctx, img.Ref)
 	if err != nil {
 		return 0, err

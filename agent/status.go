@@ -6,6 +6,7 @@ import (
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/errdefs"
+	"github.com/prepull/prepull/manifest"
 )
 
 // Status is what the node holds for one manifest image.
@@ -28,12 +29,9 @@ type Status struct {
 // Inspect reports, for each image, whether kubelet would use it without a
 // network pull: the tag, digest and id records exist and agree, carry the CRI
 // labels (pinned where asked), and the image is unpacked for the snapshotter.
-func (a *Agent) Inspect(ctx context.Context, imgs []Image) ([]Status, error) {
+func (a *Agent) Inspect(ctx context.Context, imgs []manifest.Image) ([]Status, error) {
 	ctx = a.ctx(ctx)
-	sn, err := a.Snapshotter(ctx)
-	if err != nil {
-		return nil, err
-	}
+	sn := a.Snapshotter(ctx)
 	out := make([]Status, 0, len(imgs))
 	for _, img := range imgs {
 		st, err := a.inspect(ctx, img, sn)
@@ -45,7 +43,7 @@ func (a *Agent) Inspect(ctx context.Context, imgs []Image) ([]Status, error) {
 	return out, nil
 }
 
-func (a *Agent) inspect(ctx context.Context, img Image, sn string) (Status, error) {
+func (a *Agent) inspect(ctx context.Context, img manifest.Image, sn string) (Status, error) {
 	st := Status{Ref: img.Ref, Tag: img.Tag, Platform: img.Platform, WantPin: img.Pin, Snapshotter: sn}
 	is := a.client.ImageService()
 	rec, err := is.Get(ctx, img.Ref)
@@ -116,7 +114,7 @@ func (a *Agent) Unpin(ctx context.Context, keep []Status) ([]string, error) {
 	for _, s := range keep {
 		kept[s.Ref] = true
 		// Missing parts (an image not present) name no record.
-		names, _ := recordNames(Image{Ref: s.Ref, Tag: s.Tag}, s.Digest, s.ID)
+		names, _ := recordNames(manifest.Image{Ref: s.Ref, Tag: s.Tag}, s.Digest, s.ID)
 		for _, n := range names {
 			kept[n] = true
 		}
@@ -138,12 +136,9 @@ func (a *Agent) Unpin(ctx context.Context, keep []Status) ([]string, error) {
 	return changed, nil
 }
 
-// Context returns ctx in the agent's containerd namespace.
-func (a *Agent) Context(ctx context.Context) context.Context { return a.ctx(ctx) }
-
 // ContainerdImage returns the client image for img on the node, resolved
 // for img's platform (or the node's).
-func (a *Agent) ContainerdImage(ctx context.Context, img Image) (containerd.Image, error) {
+func (a *Agent) ContainerdImage(ctx context.Context, img manifest.Image) (containerd.Image, error) {
 	rec, err := a.client.ImageService().Get(a.ctx(ctx), img.Ref)
 	if errdefs.IsNotFound(err) {
 		return nil, fmt.Errorf("image %s is not present (pull it first)", img.Ref)

@@ -3,37 +3,18 @@ package agent
 import (
 	"context"
 	"errors"
-	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"regexp"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	remoteserrors "github.com/containerd/containerd/v2/core/remotes/errors"
 	"github.com/containerd/errdefs"
-	"github.com/distribution/reference"
 
-	"github.com/prepull/prepull/ecrauth"
+	"github.com/prepull/prepull/registry"
 )
-
-// splitRef splits a normalized reference into repository and tag ("" when the
-// reference is by digest only).
-func splitRef(ref string) (repo, tag string, err error) {
-	named, err := reference.ParseNormalizedNamed(ref)
-	if err != nil {
-		return "", "", fmt.Errorf("invalid image reference %q: %w", ref, err)
-	}
-	repo = named.Name()
-	if t, ok := named.(reference.Tagged); ok {
-		tag = t.Tag()
-	}
-	return repo, tag, nil
-}
 
 // keyedMutex is the duplication suppressor shared by all pulls of a run:
 // containerd's unpacker locks each layer's chain id with it, so concurrent
@@ -91,68 +72,6 @@ func (k *keyedMutex) release(key string, l *keyLock) {
 	}
 }
 
-type byteCounterKey struct{}
-
-func withByteCounter(ctx context.Context, n *atomic.Int64) context.Context {
-	return context.WithValue(ctx, byteCounterKey{}, n)
-}
-
-// countingTransport adds the body bytes of every registry response to the
-// counter in the request's context, so each image reports what it fetched.
-type countingTransport struct{ next http.RoundTripper }
-
-func (t *countingTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := t.next.RoundTrip(req)
-	if err != nil || resp.Body == nil {
-		return resp, err
-	}
-	if n, ok := req.Context().Value(byteCounterKey{}).(*atomic.Int64); ok {
-		resp.Body = &countingBody{ReadCloser: resp.Body, n: n}
-	}
-	return resp, nil
-}
-
-type countingBody struct {
-	io.ReadCloser
-	n *atomic.Int64
-}
-
-func (b *countingBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	b.n.Add(int64(n))
-	return n, err
-}
-
-// urlInText finds URLs inside error text.
-var urlInText = regexp.MustCompile(`https?://[^\s"'<>]+`)
-
-// redacted hides credentials in the URLs an error's text carries: ECR
-// redirects layer downloads to presigned S3 URLs whose query holds a
-// session token and a signature, and Go's URL errors (and containerd's
-// status errors) print the whole URL. errors.Is and errors.As still see
-// the original error.
-type redacted struct{ err error }
-
-func (r redacted) Error() string { return RedactText(r.err.Error()) }
-
-// RedactText hides userinfo and query values of the URLs in s.
-func RedactText(s string) string {
-	return urlInText.ReplaceAllStringFunc(s, func(u string) string {
-		trail := strings.TrimRight(u, ".,:;)]}")
-		return ecrauth.RedactURL(trail) + u[len(trail):]
-	})
-}
-
-func (r redacted) Unwrap() error { return r.err }
-
-// Redact returns err with credentials in embedded URLs hidden from its text.
-func Redact(err error) error {
-	if err == nil {
-		return nil
-	}
-	return redacted{err: err}
-}
-
 // Bounded failure reasons, for logs and metrics.
 const (
 	ReasonAuth        = "auth"
@@ -184,7 +103,7 @@ func ReasonOf(err error) string {
 		return ReasonCanceled
 	case errors.Is(err, syscall.ENOSPC), isNoSpace(err):
 		return ReasonNoSpace
-	case errors.Is(err, ecrauth.ErrRejected), errors.Is(err, ecrauth.ErrNoCredentials), errors.Is(err, docker.ErrInvalidAuthorization):
+	case errdefs.IsUnauthorized(err), errors.Is(err, docker.ErrInvalidAuthorization): // ecrauth's errors are Unauthorized
 		return ReasonAuth
 	case errors.As(err, &status):
 		switch {
@@ -200,7 +119,7 @@ func ReasonOf(err error) string {
 		return ReasonAuth
 	case errdefs.IsNotFound(err):
 		return ReasonNotFound
-	case errors.Is(err, ErrNotAnImage), errdefs.IsInvalidArgument(err):
+	case errors.Is(err, registry.ErrNotAnImage), errdefs.IsInvalidArgument(err):
 		return ReasonInvalidRef
 	case errdefs.IsUnavailable(err):
 		return ReasonUnavailable

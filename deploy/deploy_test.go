@@ -14,7 +14,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 )
 
 const componentPath = "imagebuilder/component.yaml"
@@ -345,7 +345,7 @@ func TestExamples(t *testing.T) {
 	for _, f := range files {
 		t.Run(filepath.Base(f), func(t *testing.T) {
 			t.Parallel()
-			m, err := agent.LoadManifest(f)
+			m, err := manifest.Load(f)
 			if err != nil {
 				t.Fatalf("LoadManifest: %v", err)
 			}

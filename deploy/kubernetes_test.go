@@ -11,13 +11,13 @@ import (
 	"strings"
 	"testing"
 
+	mf "github.com/prepull/prepull/manifest"
+
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
-
-	"github.com/prepull/prepull/agent"
 )
 
 // cliContract is the command-line contract of DESIGN.md as far as the
@@ -198,7 +198,7 @@ func TestKubernetesObjects(t *testing.T) {
 		if !ok {
 			t.Fatalf("ConfigMap has no key %q", key)
 		}
-		if _, err := agent.ParseManifest(key, []byte(data)); err != nil {
+		if _, err := mf.Parse(key, []byte(data)); err != nil {
 			t.Errorf("ConfigMap manifest: %v", err)
 		}
 	}

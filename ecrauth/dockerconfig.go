@@ -86,7 +86,7 @@ func LoadDockerConfig(log *zap.Logger, path string) (*DockerConfig, error) {
 
 func loadDockerConfig(log *zap.Logger, path string, getenv func(string) string, lookPath func(string) (string, error)) (*DockerConfig, error) {
 	d := &DockerConfig{
-		log:     log.Named("dockerconfig"),
+		log:     log.Named("ecrauth"),
 		auths:   make(map[string]dockerAuth),
 		helpers: make(map[string]string),
 		run:     runHelper,

@@ -44,7 +44,7 @@ func WithStaticCredentials(host, username, password string) KeychainOption {
 // NewKeychain returns a Keychain using ecr for ECR hosts (nil: ECR hosts
 // get no special treatment).
 func NewKeychain(log *zap.Logger, ecr *Provider, opts ...KeychainOption) *Keychain {
-	k := &Keychain{log: log.Named("keychain"), ecr: ecr, static: make(map[string]staticCredential)}
+	k := &Keychain{log: log.Named("ecrauth"), ecr: ecr, static: make(map[string]staticCredential)}
 	for _, o := range opts {
 		o(k)
 	}

@@ -22,6 +22,12 @@ const (
 	ResultError Result = "error"
 )
 
+// Results lists every Result, in the order above: metrics pre-create their
+// series and generate their help text from it.
+func Results() []Result {
+	return []Result{ResultRead, ResultSymlink, ResultSpecial, ResultWhiteout, ResultDuplicate, ResultBudget, ResultError}
+}
+
 // Observer receives the warm-up's progress, for metrics. Its methods are called from many worker
 // goroutines at once: they must be safe for concurrent use and cheap (no I/O, no blocking).
 type Observer interface {

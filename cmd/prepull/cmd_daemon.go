@@ -16,8 +16,10 @@ import (
 	sddaemon "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 )
 
 // defaultDaemonMetricsAddr is where the daemon serves /metrics, /healthz and
@@ -71,6 +73,10 @@ in force whole.`,
 	return cmd
 }
 
+// daemon is `prepull daemon`: a first run, then four parts under one
+// errgroup, each a Run(ctx) error that returns when ctx ends: the metrics
+// server, the manifest watcher, the reconcile loop and the systemd
+// notifier. A part that fails stops the others.
 type daemon struct {
 	g          *globals
 	f          imageFlags
@@ -83,19 +89,13 @@ type daemon struct {
 	tel *telemetry
 
 	mu       sync.Mutex
-	manifest *agent.Manifest
+	manifest *manifest.List
 }
 
-func (d *daemon) current() *agent.Manifest {
+func (d *daemon) current() *manifest.List {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.manifest
-}
-
-func notify(log *zap.Logger, state string) {
-	if _, err := sddaemon.SdNotify(false, state); err != nil {
-		log.Debug("sd_notify", zap.Error(err))
-	}
 }
 
 func (d *daemon) run(ctx context.Context) error {
@@ -107,72 +107,47 @@ func (d *daemon) run(ctx context.Context) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	tel := newTelemetry(d.g.metricsPerImage)
-	d.tel = tel
-	sctx, stopServer := context.WithCancel(context.WithoutCancel(ctx))
-	served, err := tel.serve(sctx, d.addr, log)
+	d.tel = newTelemetry(d.g.metricsPerImage)
+	srv, err := d.tel.listen(d.addr, d.g.logger)
 	if err != nil {
-		stopServer()
 		return err
 	}
-	defer func() {
-		stopServer()
-		<-served
-	}()
-
-	r, err := newRunner(ctx, d.g, tel)
+	r, err := newRunner(ctx, d.g, d.tel)
 	if err != nil {
 		return err
 	}
 	defer r.close()
 
-	// A long first run must not trip systemd's start timeout.
-	firstDone := make(chan struct{})
-	go func() {
-		t := time.NewTicker(10 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-firstDone:
-				return
-			case <-t.C:
-				notify(log, "EXTEND_TIMEOUT_USEC=30000000")
-			}
-		}
-	}()
-	status := func(s string) { notify(log, "STATUS="+s) }
-	d.reconcile(ctx, r, status, log)
-	// The first run warms, like prepull run; reconciles only re-pull.
-	if wm, err := d.w.warmer(d.g.logger, tel.metrics); err == nil {
-		status("warming")
+	n := newNotifier(log)
+	changed := make(chan struct{}, 1)
+	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error { return srv.Run(ctx) })
+	eg.Go(func() error { return n.Run(ctx) })
+	eg.Go(func() error { return d.watch(ctx, changed, log) })
+	eg.Go(func() error { return d.loop(ctx, r, n, hup, changed, log) })
+	return eg.Wait()
+}
+
+// loop is the first run (pull and warm, like prepull run), then a
+// reconcile (pull only) every interval, on SIGHUP and on a manifest change.
+func (d *daemon) loop(ctx context.Context, r *runner, n *notifier, hup <-chan os.Signal, changed <-chan struct{}, log *zap.Logger) error {
+	d.reconcile(ctx, r, n.Status, log)
+	if wm, err := d.w.warmer(d.g.logger, d.tel.metrics); err == nil {
+		n.Status("warming")
 		start := time.Now()
 		wres := r.warm(ctx, d.current().Images, wm)
-		tel.metrics.SetRunPhase("warm", time.Since(start))
+		d.tel.metrics.SetRunPhase("warm", time.Since(start))
 		if err := warmFailures(wres); err != nil {
 			log.Error("warm-up incomplete", zap.Error(err))
 		}
 	}
-	close(firstDone)
-	notify(log, sddaemon.SdNotifyReady)
-
-	changed := make(chan struct{}, 1)
-	watchCtx, stopWatch := context.WithCancel(ctx)
-	watched := make(chan struct{})
-	go func() {
-		defer close(watched)
-		d.watch(watchCtx, changed, log)
-	}()
-	defer func() {
-		stopWatch()
-		<-watched
-	}()
+	n.Ready()
 
 	tick := time.NewTicker(d.interval)
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			notify(log, sddaemon.SdNotifyStopping)
 			log.Info("stopping")
 			return nil
 		case <-tick.C:
@@ -182,7 +157,57 @@ func (d *daemon) run(ctx context.Context) error {
 		case <-changed:
 			log.Info("manifest changed: reconciling")
 		}
-		d.reconcile(ctx, r, status, log)
+		d.reconcile(ctx, r, n.Status, log)
+	}
+}
+
+// notifier speaks systemd's notify protocol: EXTEND_TIMEOUT_USEC every 10 s
+// until Ready (a long first run must not trip the start timeout), READY=1,
+// STATUS= lines, and STOPPING=1 when ctx ends. Without NOTIFY_SOCKET every
+// message is a no-op.
+type notifier struct {
+	log   *zap.Logger
+	once  sync.Once
+	ready chan struct{}
+}
+
+func newNotifier(log *zap.Logger) *notifier { return &notifier{log: log, ready: make(chan struct{})} }
+
+func (n *notifier) send(state string) {
+	if _, err := sddaemon.SdNotify(false, state); err != nil {
+		n.log.Debug("sd_notify", zap.Error(err))
+	}
+}
+
+// Status sends a STATUS= line.
+func (n *notifier) Status(s string) { n.send("STATUS=" + s) }
+
+// Ready sends READY=1 (once) and ends the start-timeout extensions.
+func (n *notifier) Ready() {
+	n.once.Do(func() {
+		close(n.ready)
+		n.send(sddaemon.SdNotifyReady)
+	})
+}
+
+// Run extends the start timeout until Ready and sends STOPPING=1 when ctx
+// ends.
+func (n *notifier) Run(ctx context.Context) error {
+	ready := n.ready
+	t := time.NewTicker(10 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			n.send(sddaemon.SdNotifyStopping)
+			return nil
+		case <-ready:
+			ready = nil // stop extending; wait for the end
+		case <-t.C:
+			if ready != nil {
+				n.send("EXTEND_TIMEOUT_USEC=30000000")
+			}
+		}
 	}
 }
 
@@ -197,7 +222,7 @@ func (d *daemon) reconcile(ctx context.Context, r *runner, status func(string), 
 		status("containerd unavailable: " + err.Error())
 		return
 	}
-	var todo []agent.Image
+	var todo []manifest.Image
 	for i, s := range sts {
 		if !s.Ready {
 			todo = append(todo, m.Images[i])
@@ -251,7 +276,7 @@ func (d *daemon) reload(log *zap.Logger) bool {
 	if d.f.manifest == "" {
 		return false
 	}
-	m, err := agent.LoadManifest(d.f.manifest)
+	m, err := manifest.Load(d.f.manifest)
 	if err != nil {
 		d.tel.metrics.ManifestReload("invalid")
 		log.Error("manifest invalid; keeping the previous one", zap.String("manifest", d.f.manifest),
@@ -274,9 +299,9 @@ func (d *daemon) reload(log *zap.Logger) bool {
 // watch polls the manifest file's content and signals changed when a new
 // valid manifest is in force. Polling the content (not inotify on the path)
 // survives editors and config management that replace the file by rename.
-func (d *daemon) watch(ctx context.Context, changed chan<- struct{}, log *zap.Logger) {
+func (d *daemon) watch(ctx context.Context, changed chan<- struct{}, log *zap.Logger) error {
 	if d.f.manifest == "" {
-		return
+		return nil
 	}
 	sum := func() []byte {
 		b, err := os.ReadFile(d.f.manifest)
@@ -292,7 +317,7 @@ func (d *daemon) watch(ctx context.Context, changed chan<- struct{}, log *zap.Lo
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
 		case <-t.C:
 		}
 		now := sum()

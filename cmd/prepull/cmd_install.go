@@ -29,7 +29,7 @@ prepull.service).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			g.ran = true
-			changes, err := install.Install(cmd.Context(), g.logger.Named("install"), install.Options{
+			changes, err := install.Install(cmd.Context(), g.logger, install.Options{
 				Root:  root,
 				Files: prepull.Files,
 			})

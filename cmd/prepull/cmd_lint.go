@@ -5,14 +5,14 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/prepull/prepull/agent"
-	"github.com/prepull/prepull/agent/workload"
+	"github.com/prepull/prepull/manifest"
+	"github.com/prepull/prepull/workload"
 )
 
 func newLintCmd(g *globals) *cobra.Command {
 	var (
-		manifest string
-		strict   bool
+		path   string
+		strict bool
 	)
 	cmd := &cobra.Command{
 		Use:   "lint --manifest FILE [WORKLOAD YAML|DIR|-]... [--strict]",
@@ -32,10 +32,10 @@ With no workload files it checks the manifest alone (:latest and untagged
 entries). Exit 0 unless --strict and a warning or error was found (exit 1).`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			g.ran = true
-			if manifest == "" {
+			if path == "" {
 				return usagef("lint: --manifest FILE is required")
 			}
-			m, err := agent.LoadManifest(manifest)
+			m, err := manifest.Load(path)
 			if err != nil {
 				return err
 			}
@@ -52,13 +52,19 @@ entries). Exit 0 unless --strict and a warning or error was found (exit 1).`,
 				fmt.Fprintln(g.stdout, f.String())
 				counts[f.Severity]++
 			}
+			workloads := map[string]bool{}
+			for _, c := range cs {
+				workloads[c.Where()+" "+c.Object()] = true
+			}
+			fmt.Fprintf(g.stdout, "lint: checked %d images against %d containers in %d workloads: %d errors, %d warnings, %d notes\n",
+				len(m.Images), len(cs), len(workloads), counts[workload.Error], counts[workload.Warning], counts[workload.Info])
 			if strict && workload.Failing(fs) {
 				return fmt.Errorf("lint: %d error(s), %d warning(s) with --strict", counts[workload.Error], counts[workload.Warning])
 			}
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&manifest, "manifest", "", "the prepull manifest to check")
+	cmd.Flags().StringVar(&path, "manifest", "", "the prepull manifest to check")
 	cmd.Flags().BoolVar(&strict, "strict", false, "exit 1 when there is a warning or an error")
 	return cmd
 }

@@ -8,7 +8,8 @@ import (
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
-	"github.com/prepull/prepull/agent/workload"
+	"github.com/prepull/prepull/registry"
+	"github.com/prepull/prepull/workload"
 )
 
 func newManifestCmd(g *globals) *cobra.Command {
@@ -69,7 +70,9 @@ so that builds from the manifest pull the same content.`,
 				}
 				ctx, cancel := g.withTimeout(cmd.Context())
 				defer cancel()
-				if err := m.Resolve(ctx, workload.NewResolver(ctx, g.hostsDir, kc.Credentials(ctx)), g.concurrency); err != nil {
+				// The pull's resolver: same hosts.toml, credentials, retries.
+				r := registry.NewResolver(ctx, g.hostsDir, registry.WithCredentials(kc.Credentials(ctx)), registry.WithTransport(g.transport(kc, nil)))
+				if err := m.Resolve(ctx, r, g.concurrency); err != nil {
 					return fmt.Errorf("resolve tags (nothing written): %w", err)
 				}
 			}

@@ -12,8 +12,11 @@ import (
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
+	"github.com/prepull/prepull/warmup"
 )
 
 // newRunCmd builds `prepull run`: pull, then warm.
@@ -23,7 +26,7 @@ func newRunCmd(g *globals) *cobra.Command {
 		once bool
 	)
 	cmd := imageCommand(g, "run [--manifest FILE | --image REF ...]", "Pull, then warm the images: the main job",
-		w.validate, func(ctx context.Context, m *agent.Manifest) error {
+		w.validate, func(ctx context.Context, m *manifest.List) error {
 			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, true, &w) })
 		})
 	addWarmFlags(cmd, &w)
@@ -34,13 +37,13 @@ func newRunCmd(g *globals) *cobra.Command {
 // newPullCmd builds `prepull pull`: pull only.
 func newPullCmd(g *globals) *cobra.Command {
 	return imageCommand(g, "pull [--manifest FILE | --image REF ...]", "Pull the images only", nil,
-		func(ctx context.Context, m *agent.Manifest) error { return runJob(ctx, g, m, true, nil) })
+		func(ctx context.Context, m *manifest.List) error { return runJob(ctx, g, m, true, nil) })
 }
 
 // runJob is a one-shot run: pull m's images (when pull is set) and warm them
 // (when w is set), report one line per image and a summary, record metrics,
 // and write the textfile.
-func runJob(ctx context.Context, g *globals, m *agent.Manifest, pull bool, w *warmFlags) (err error) {
+func runJob(ctx context.Context, g *globals, m *manifest.List, pull bool, w *warmFlags) (err error) {
 	tel := newTelemetry(g.metricsPerImage)
 	if g.textfile != "" {
 		defer func() {
@@ -53,13 +56,19 @@ func runJob(ctx context.Context, g *globals, m *agent.Manifest, pull bool, w *wa
 		}()
 	}
 	if g.metricsAddr != "" {
-		sctx, stop := context.WithCancel(ctx)
-		done, serr := tel.serve(sctx, g.metricsAddr, g.logger)
-		if serr != nil {
-			stop()
-			return serr
+		srv, lerr := tel.listen(g.metricsAddr, g.logger)
+		if lerr != nil {
+			return lerr
 		}
-		defer func() { stop(); <-done }()
+		var eg errgroup.Group
+		sctx, stop := context.WithCancel(ctx)
+		eg.Go(func() error { return srv.Run(sctx) })
+		defer func() {
+			stop()
+			if serr := eg.Wait(); serr != nil {
+				g.logger.Error("metrics server", zap.Error(serr))
+			}
+		}()
 	}
 	r, err := newRunner(ctx, g, tel)
 	if err != nil {
@@ -86,7 +95,7 @@ func runJob(ctx context.Context, g *globals, m *agent.Manifest, pull bool, w *wa
 		}
 	}
 	var warmErr error
-	var warmed []warmResult
+	var warmed []warmup.Outcome
 	if w != nil {
 		wm, werr := w.warmer(g.logger, tel.metrics)
 		if werr != nil {
@@ -101,7 +110,7 @@ func runJob(ctx context.Context, g *globals, m *agent.Manifest, pull bool, w *wa
 	failed := failedRefs(results)
 	for _, wr := range warmed {
 		if wr.Err != nil {
-			failed[wr.Image.Ref] = true
+			failed[wr.Name] = true
 		}
 	}
 	if _, rerr := r.record(ctx, m.Images, failed, phases); rerr != nil {
@@ -129,11 +138,7 @@ func newRunner(ctx context.Context, g *globals, tel *telemetry) (*runner, error)
 		client.Close()
 		return nil, err
 	}
-	sn, err := r.agent.Snapshotter(ctx)
-	if err != nil {
-		client.Close()
-		return nil, err
-	}
+	sn := r.agent.Snapshotter(ctx)
 	ctrd := "unknown"
 	if v, err := client.Version(ctx); err == nil {
 		ctrd = v.Version
@@ -145,7 +150,7 @@ func newRunner(ctx context.Context, g *globals, tel *telemetry) (*runner, error)
 func (r *runner) close() { r.client.Close() }
 
 // pull pulls imgs with progress; status, if set, gets systemd STATUS= lines.
-func (r *runner) pull(ctx context.Context, imgs []agent.Image, status func(string)) ([]agent.Result, time.Duration) {
+func (r *runner) pull(ctx context.Context, imgs []manifest.Image, status func(string)) ([]agent.Result, time.Duration) {
 	start := time.Now()
 	stop := startProgress(ctx, r.g, r.agent, len(imgs), r.finished, status)
 	results, err := r.agent.Pull(ctx, imgs)
@@ -173,7 +178,7 @@ func failedRefs(results []agent.Result) map[string]bool {
 
 // record inspects imgs and updates the image gauges, run times and
 // readiness; failed are the images whose pull or warm-up failed this run.
-func (r *runner) record(ctx context.Context, imgs []agent.Image, failed map[string]bool, phases map[string]time.Duration) ([]agent.Status, error) {
+func (r *runner) record(ctx context.Context, imgs []manifest.Image, failed map[string]bool, phases map[string]time.Duration) ([]agent.Status, error) {
 	sts, err := r.agent.Inspect(ctx, imgs)
 	if err != nil {
 		r.tel.ready.Store(false)

@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 )
 
 func newStatusCmd(g *globals) *cobra.Command {
@@ -23,7 +24,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 	}
 	cmd := imageCommand(g, "status [--manifest FILE | --image REF ...] [--output table|json]",
 		"Show, per image, whether it is present, unpacked and pinned", check,
-		func(ctx context.Context, m *agent.Manifest) error {
+		func(ctx context.Context, m *manifest.List) error {
 			sts, err := inspect(ctx, g, m)
 			if err != nil {
 				return err
@@ -48,7 +49,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 func newVerifyCmd(g *globals) *cobra.Command {
 	return imageCommand(g, "verify [--manifest FILE | --image REF ...]",
 		"Exit 0 iff every image is present, unpacked for the CRI snapshotter, and pinned where asked", nil,
-		func(ctx context.Context, m *agent.Manifest) error {
+		func(ctx context.Context, m *manifest.List) error {
 			sts, err := inspect(ctx, g, m)
 			if err != nil {
 				return err
@@ -70,7 +71,7 @@ func newVerifyCmd(g *globals) *cobra.Command {
 }
 
 // inspect reports the images' state on the node.
-func inspect(ctx context.Context, g *globals, m *agent.Manifest) ([]agent.Status, error) {
+func inspect(ctx context.Context, g *globals, m *manifest.List) ([]agent.Status, error) {
 	r, err := newRunner(ctx, g, newTelemetry(false))
 	if err != nil {
 		return nil, err

@@ -5,18 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"path"
-	"strings"
 	"text/tabwriter"
 	"time"
 
-	containerd "github.com/containerd/containerd/v2/client"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
 
-	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/internal/firstboot"
+	"github.com/prepull/prepull/manifest"
 	"github.com/prepull/prepull/warmup"
 )
 
@@ -46,7 +43,7 @@ func (w *warmFlags) options() ([]warmup.Option, error) {
 	}
 	var sizes [3]int64
 	for i, f := range []struct{ name, v string }{{"--warm-block-size", w.blockSize}, {"--warm-rate", w.rate}, {"--warm-budget", w.budget}} {
-		if sizes[i], err = agent.ParseSize(f.v); err != nil {
+		if sizes[i], err = manifest.ParseSize(f.v); err != nil {
 			return nil, usagef("%s: %v", f.name, err)
 		}
 	}
@@ -87,7 +84,7 @@ func newWarmCmd(g *globals) *cobra.Command {
 	)
 	cmd := imageCommand(g, "warm [--manifest FILE | --image REF ...]",
 		"Pre-read the unpacked files of images already present (hydrates a restored EBS volume)",
-		w.validate, func(ctx context.Context, m *agent.Manifest) error {
+		w.validate, func(ctx context.Context, m *manifest.List) error {
 			return oncePerInstance(ctx, g, once, func() error { return runJob(ctx, g, m, false, &w) })
 		})
 	addWarmFlags(cmd, &w)
@@ -106,7 +103,7 @@ func oncePerInstance(ctx context.Context, g *globals, once bool, job func() erro
 		return job()
 	}
 	dir := firstboot.StateDir()
-	d, err := firstboot.Check(ctx, g.logger.Named("firstboot"), dir, firstboot.NewClient(""), false)
+	d, err := firstboot.Check(ctx, g.logger, dir, firstboot.NewClient(""), false)
 	if err != nil {
 		return err
 	}
@@ -122,109 +119,35 @@ func oncePerInstance(ctx context.Context, g *globals, once bool, job func() erro
 	return firstboot.MarkDone(dir, d)
 }
 
-// warmResult is one image's warm-up outcome.
-type warmResult struct {
-	Image agent.Image
-	Stats warmup.Stats
-	Err   error
-}
-
-// warm pre-reads the snapshot files of every image with warm: true that is
-// present, one image after another (the Warmer's workers read in parallel
-// within an image, and a layer shared with an earlier image is read once).
-func (r *runner) warm(ctx context.Context, imgs []agent.Image, wm *warmup.Warmer) []warmResult {
-	log := r.g.logger.Named("warmup")
-	sn, _ := r.agent.Snapshotter(ctx)
-	var out []warmResult
+// warm pre-reads the snapshot files of every image of imgs with warm: true
+// that is present (an absent one fails on its own); outcomes are in the
+// order of imgs.
+func (r *runner) warm(ctx context.Context, imgs []manifest.Image, wm *warmup.Warmer) []warmup.Outcome {
+	var out []warmup.Outcome
+	var todo []warmup.Image
+	var slot []int // todo[i]'s index in out
 	for _, img := range imgs {
 		if !img.Warm {
 			continue
 		}
-		if ctx.Err() != nil {
-			out = append(out, warmResult{Image: img, Err: fmt.Errorf("warm %s: %w", img.Ref, ctx.Err())})
+		out = append(out, warmup.Outcome{Name: img.Ref})
+		cimg, err := r.agent.ContainerdImage(ctx, img)
+		if err != nil {
+			out[len(out)-1].Err = fmt.Errorf("warm %s: %w", img.Ref, err)
 			continue
 		}
-		res := warmResult{Image: img}
-		res.Stats, res.Err = r.warmOne(ctx, img, sn, wm)
-		if res.Err != nil {
-			res.Err = fmt.Errorf("warm %s: %w", img.Ref, res.Err)
-			log.Error("image not warmed", zap.String("image", img.Ref), zap.Error(res.Err),
-				zap.Int64("files", res.Stats.Files), zap.Int64("bytes", res.Stats.Bytes))
-		}
-		// The Warmer logs each image's stats ("warmed image").
-		out = append(out, res)
+		todo = append(todo, warmup.Image{Name: img.Ref, Image: cimg, Priority: img.Priority})
+		slot = append(slot, len(out)-1)
 	}
-	return out
-}
-
-func (r *runner) warmOne(ctx context.Context, img agent.Image, sn string, wm *warmup.Warmer) (warmup.Stats, error) {
-	cimg, err := r.agent.ContainerdImage(ctx, img)
-	if err != nil {
-		return warmup.Stats{}, err
-	}
-	dirs, cleanup, err := warmup.SnapshotDirs(r.agent.Context(ctx), r.client, sn, cimg)
-	if err != nil {
-		return warmup.Stats{}, err
-	}
-	defer func() {
-		if err := cleanup(r.agent.Context(context.WithoutCancel(ctx))); err != nil {
-			r.g.logger.Warn("remove warm-up view", zap.String("image", img.Ref), zap.Error(err))
-		}
-	}()
-	prio := img.Priority
-	if len(prio) == 0 {
-		prio = defaultPriority(ctx, r, cimg)
-	}
-	return wm.Warm(ctx, warmup.Target{Name: img.Ref, Dirs: dirs, Priority: prio})
-}
-
-// defaultPriority is the image's entrypoint (or cmd) binary: the first file
-// a container start reads.
-func defaultPriority(ctx context.Context, r *runner, cimg containerd.Image) []string {
-	spec, err := cimg.Spec(r.agent.Context(ctx))
-	if err != nil {
-		return nil
-	}
-	return entrypointPaths(spec.Config)
-}
-
-// entrypointPaths turns an image config into the paths its first argument
-// may name: itself when absolute, relative to the working directory when it
-// has a slash, else each directory of the image's PATH (the warm-up reads
-// the ones that exist).
-func entrypointPaths(cfg ocispec.ImageConfig) []string {
-	argv := append(append([]string{}, cfg.Entrypoint...), cfg.Cmd...)
-	if len(argv) == 0 || argv[0] == "" {
-		return nil
-	}
-	bin := argv[0]
-	if strings.HasPrefix(bin, "/") {
-		return []string{path.Clean(bin)}
-	}
-	if strings.Contains(bin, "/") {
-		wd := cfg.WorkingDir
-		if wd == "" {
-			wd = "/"
-		}
-		return []string{path.Join(wd, bin)}
-	}
-	pathEnv := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	for _, e := range cfg.Env {
-		if v, ok := strings.CutPrefix(e, "PATH="); ok {
-			pathEnv = v
-		}
-	}
-	var out []string
-	for _, d := range strings.Split(pathEnv, ":") {
-		if strings.HasPrefix(d, "/") {
-			out = append(out, path.Join(d, bin))
-		}
+	ctx = namespaces.WithNamespace(ctx, r.g.namespace)
+	for i, o := range wm.WarmImages(ctx, r.client, r.agent.Snapshotter(ctx), todo) {
+		out[slot[i]] = o
 	}
 	return out
 }
 
 // writeWarmResults prints the per-image warm-up table.
-func writeWarmResults(w io.Writer, results []warmResult, elapsed time.Duration) {
+func writeWarmResults(w io.Writer, results []warmup.Outcome, elapsed time.Duration) {
 	if len(results) == 0 {
 		fmt.Fprintln(w, "warm-up: no image asks for it (warm: false)")
 		return
@@ -241,7 +164,7 @@ func writeWarmResults(w io.Writer, results []warmResult, elapsed time.Duration) 
 			failed++
 		}
 		bytes += s.Bytes
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%.1f\t%.0f\t%d\t%d/%d/%d/%d/%d\n", result, r.Image.Ref, s.Files, humanBytes(s.Bytes),
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%.1f\t%.0f\t%d\t%d/%d/%d/%d/%d\n", result, r.Name, s.Files, humanBytes(s.Bytes),
 			s.Duration.Seconds(), s.MiBPerSecond(), s.SharedLayers, s.Skipped.Symlinks, s.Skipped.Special, s.Skipped.Whiteouts, s.Skipped.Errors, s.Skipped.Budget)
 	}
 	_ = tw.Flush()
@@ -249,7 +172,7 @@ func writeWarmResults(w io.Writer, results []warmResult, elapsed time.Duration) 
 }
 
 // warmFailures returns one error naming the images whose warm-up failed.
-func warmFailures(results []warmResult) error {
+func warmFailures(results []warmup.Outcome) error {
 	var errs []error
 	for _, r := range results {
 		if r.Err != nil {

@@ -173,7 +173,9 @@ func TestDaemonReconcilesAndServesMetrics(t *testing.T) {
 	p.SetFault(nil)
 
 	// An image added to the manifest is pulled; an invalid edit is ignored whole.
-	if err := os.WriteFile(manifest, []byte(fmt.Sprintf("images:\n  - ref: %s\n  - ref: %s\n  - ref: %s\n", refA, refB, refC)), 0o644); err != nil {
+	// Edits replace the file by rename, as config management does: a plain
+	// rewrite can be read half-written, which is an invalid edit of its own.
+	if err := writeFileAtomic(manifest, []byte(fmt.Sprintf("images:\n  - ref: %s\n  - ref: %s\n  - ref: %s\n", refA, refB, refC))); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the added image", 60*time.Second, func() bool {
@@ -183,7 +185,7 @@ func TestDaemonReconcilesAndServesMetrics(t *testing.T) {
 	waitFor(t, "images{ready} = 3", 30*time.Second, func() bool {
 		return scrape(t, addr, "prepull_images", map[string]string{"state": "ready"}) == 3
 	})
-	if err := os.WriteFile(manifest, []byte("images:\n  - ref: "+refA+"\n  - ref: Bad Ref\n"), 0o644); err != nil {
+	if err := writeFileAtomic(manifest, []byte("images:\n  - ref: "+refA+"\n  - ref: Bad Ref\n")); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the invalid edit noticed", 30*time.Second, func() bool {
@@ -344,7 +346,7 @@ func TestDaemonNotifiesAndPrunes(t *testing.T) {
 	criReady(t, refDrop, dd, true)
 
 	// Drop one image from the manifest: the next reconcile unpins it.
-	if err := os.WriteFile(manifest, []byte("images:\n  - ref: "+refKeep+"\n"), 0o644); err != nil {
+	if err := writeFileAtomic(manifest, []byte("images:\n  - ref: "+refKeep+"\n")); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "the dropped image unpinned", 30*time.Second, func() bool {

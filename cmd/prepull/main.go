@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 )
 
 // Exit codes of the command-line contract (DESIGN.md). Never 194: EC2 Image
@@ -52,7 +53,7 @@ func usagef(format string, args ...any) error {
 // exitCode maps an error from run to the contract's exit codes.
 func exitCode(err error) int {
 	var ue *usageError
-	var me *agent.ManifestError
+	var me *manifest.Error
 	switch {
 	case err == nil:
 		return exitOK

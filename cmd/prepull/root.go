@@ -10,15 +10,15 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
-	ctrdlog "github.com/containerd/log"
-	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
-	"golang.org/x/term"
 
 	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/ecrauth"
+	"github.com/prepull/prepull/manifest"
+	"github.com/prepull/prepull/metrics"
+	"github.com/prepull/prepull/registry"
 )
 
 // globals holds the global flags and what every command shares.
@@ -150,57 +150,11 @@ func applyEnv(fs *pflag.FlagSet) error {
 	return err
 }
 
-func (g *globals) setupLogger() error {
-	level, err := zapcore.ParseLevel(g.logLevel)
-	if err != nil {
-		return usagef("--log-level: %v", err)
-	}
-	format := g.logFormat
-	if format == "auto" {
-		format = "json"
-		if f, ok := g.stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-			format = "console"
-		}
-	}
-	encCfg := zap.NewProductionEncoderConfig()
-	encCfg.TimeKey = "ts"
-	encCfg.EncodeTime = zapcore.ISO8601TimeEncoder
-	var enc zapcore.Encoder
-	switch format {
-	case "json":
-		enc = zapcore.NewJSONEncoder(encCfg)
-	case "console":
-		encCfg.EncodeLevel = zapcore.CapitalColorLevelEncoder
-		encCfg.EncodeTime = zapcore.TimeEncoderOfLayout("15:04:05")
-		enc = zapcore.NewConsoleEncoder(encCfg)
-	default:
-		return usagef("--log-format %q: want auto, json or console", g.logFormat)
-	}
-	g.logOut = &switchWriter{w: g.stderr}
-	g.logger = zap.New(zapcore.NewCore(enc, zapcore.AddSync(g.logOut), level))
-	// containerd's client logs through logrus; keep its chatter (HTTPS-first
-	// notices for localhost registries, per-request retries) at debug level.
-	ctrdLevel := "warn"
-	if level == zapcore.DebugLevel {
-		ctrdLevel = "debug"
-	}
-	if err := ctrdlog.SetLevel(ctrdLevel); err != nil {
-		return err
-	}
-	ctrdlog.L.Logger.SetOutput(g.stderr)
-	ctrdlog.L.Logger.ReplaceHooks(logrus.LevelHooks{})
-	ctrdlog.L.Logger.AddHook(redactHook{})
-	if format == "json" {
-		_ = ctrdlog.SetFormat(ctrdlog.JSONFormat)
-	}
-	return nil
-}
-
 // imageCommand builds a command that works on the images of --manifest or
 // --image. Before job runs (under --timeout), the images are loaded and
 // validated and so is everything check looks at (flags the caller adds), so
 // bad input ends with exit 2 before any side effect.
-func imageCommand(g *globals, use, short string, check func() error, job func(ctx context.Context, m *agent.Manifest) error) *cobra.Command {
+func imageCommand(g *globals, use, short string, check func() error, job func(ctx context.Context, m *manifest.List) error) *cobra.Command {
 	var f imageFlags
 	cmd := &cobra.Command{
 		Use:   use,
@@ -226,27 +180,6 @@ func imageCommand(g *globals, use, short string, check func() error, job func(ct
 	return cmd
 }
 
-// redactHook hides credentials in URLs that containerd's client logs (a
-// failed layer download logs the presigned S3 URL ECR redirected to).
-type redactHook struct{}
-
-func (redactHook) Levels() []logrus.Level { return logrus.AllLevels }
-
-func (redactHook) Fire(e *logrus.Entry) error {
-	e.Message = agent.RedactText(e.Message)
-	for k, v := range e.Data {
-		switch x := v.(type) {
-		case string:
-			e.Data[k] = agent.RedactText(x)
-		case error:
-			e.Data[k] = agent.RedactText(x.Error())
-		case fmt.Stringer:
-			e.Data[k] = agent.RedactText(x.String())
-		}
-	}
-	return nil
-}
-
 func addImageFlags(cmd *cobra.Command, f *imageFlags) {
 	cmd.Flags().StringVar(&f.manifest, "manifest", "", "manifest file (YAML, or one image reference per line)")
 	cmd.Flags().StringArrayVar(&f.images, "image", nil, "image reference (repeatable), instead of --manifest")
@@ -254,18 +187,18 @@ func addImageFlags(cmd *cobra.Command, f *imageFlags) {
 
 // load reads the images to work on and applies the manifest's settings to
 // flags that neither the command line nor the environment set.
-func (f *imageFlags) load(cmd *cobra.Command, g *globals) (*agent.Manifest, error) {
+func (f *imageFlags) load(cmd *cobra.Command, g *globals) (*manifest.List, error) {
 	var (
-		m   *agent.Manifest
+		m   *manifest.List
 		err error
 	)
 	switch {
 	case f.manifest != "" && len(f.images) > 0:
 		return nil, usagef("give --manifest or --image, not both")
 	case f.manifest != "":
-		m, err = agent.LoadManifest(f.manifest)
+		m, err = manifest.Load(f.manifest)
 	case len(f.images) > 0:
-		m, err = agent.ImagesFromRefs(f.images)
+		m, err = manifest.FromRefs(f.images)
 	default:
 		return nil, usagef("no images: give --manifest FILE or --image REF")
 	}
@@ -313,81 +246,74 @@ func (g *globals) withTimeout(ctx context.Context) (context.Context, context.Can
 	return context.WithCancel(ctx)
 }
 
-// agentOptions validates the global pull settings into agent options; it
-// runs before any command does anything (PersistentPreRunE) and again when
-// the agent is built, after the manifest's settings applied.
-func (g *globals) agentOptions() (agent.Options, error) {
-	if g.concurrency <= 0 {
-		return agent.Options{}, usagef("--concurrency must be positive, got %d", g.concurrency)
-	}
-	chunk, err := agent.ParseSize(g.layerChunkSize)
+// agentOptions turns the global pull settings into agent options and
+// validates them; it runs before any command does anything
+// (PersistentPreRunE) and again when the agent is built, after the
+// manifest's settings applied.
+func (g *globals) agentOptions() ([]agent.Option, error) {
+	chunk, err := manifest.ParseSize(g.layerChunkSize)
 	if err != nil {
-		return agent.Options{}, usagef("--layer-chunk-size: %v", err)
+		return nil, usagef("--layer-chunk-size: %v", err)
 	}
-	var discard *bool
+	opts := []agent.Option{
+		agent.WithNamespace(g.namespace),
+		agent.WithSnapshotter(g.snapshotter),
+		agent.WithConcurrency(g.concurrency),
+		agent.WithMaxDownloads(g.maxDownloads),
+		agent.WithLayerChunkSize(int(chunk)),
+		agent.WithDownloadLimit(g.downloadLimit),
+		agent.WithUnpackLimit(g.unpackLimit),
+		agent.WithImageTimeout(g.imageTimeout),
+		agent.WithOrder(g.order),
+	}
 	switch g.discardLayers {
 	case "auto":
 	case "true", "false":
-		b := g.discardLayers == "true"
-		discard = &b
+		opts = append(opts, agent.WithDiscardLayers(g.discardLayers == "true"))
 	default:
-		return agent.Options{}, usagef("--discard-layers %q: want auto, true or false", g.discardLayers)
+		return nil, usagef("--discard-layers %q: want auto, true or false", g.discardLayers)
 	}
-	if g.order != agent.OrderSize && g.order != agent.OrderManifest {
-		return agent.Options{}, usagef("--order %q: want size or manifest", g.order)
+	if g.stallTimeout < 0 {
+		return nil, usagef("--stall-timeout must not be negative")
 	}
-	if g.imageTimeout < 0 || g.stallTimeout < 0 {
-		return agent.Options{}, usagef("--image-timeout and --stall-timeout must not be negative")
+	if err := agent.Validate(opts...); err != nil {
+		return nil, usagef("pull settings: %v", err)
 	}
-	if g.maxDownloads <= 0 || g.downloadLimit < 0 || g.unpackLimit < 0 {
-		return agent.Options{}, usagef("--max-downloads must be positive and --download-limit/--unpack-limit not negative")
-	}
-	return agent.Options{
-		Namespace:              g.namespace,
-		Snapshotter:            g.snapshotter,
-		HostsDir:               g.hostsDir,
-		Concurrency:            g.concurrency,
-		MaxConcurrentDownloads: g.maxDownloads,
-		LayerChunkSize:         int(chunk),
-		DownloadLimit:          g.downloadLimit,
-		UnpackLimit:            g.unpackLimit,
-		DiscardLayers:          discard,
-		ImageTimeout:           g.imageTimeout,
-		Order:                  g.order,
-	}, nil
+	return opts, nil
 }
 
-// newAgent builds the agent with the global settings; metrics may be nil.
-func (g *globals) newAgent(ctx context.Context, client *containerd.Client, metrics *agent.Metrics, obs ...agent.Observer) (*agent.Agent, error) {
-	if g.concurrency <= 0 {
-		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
+// transport is the registry transport wrapper of every pull: the keychain
+// sees the final answer of each request (a 401 refreshes the ECR token);
+// the retry layer below it absorbs 429s, 5xx, resets and stalls.
+func (g *globals) transport(kc *ecrauth.Keychain, set *metrics.Set) func(http.RoundTripper) http.RoundTripper {
+	retry := []registry.TransportOption{registry.WithStallTimeout(g.stallTimeout), registry.WithLogger(g.logger)}
+	if set != nil {
+		retry = append(retry, registry.WithRetryObserver(set.RegistryRetry))
 	}
+	return func(rt http.RoundTripper) http.RoundTripper {
+		return kc.WrapTransport(registry.NewTransport(rt, retry...))
+	}
+}
+
+// newAgent builds the agent with the global settings; set may be nil.
+func (g *globals) newAgent(ctx context.Context, client *containerd.Client, set *metrics.Set, obs ...agent.Observer) (*agent.Agent, error) {
 	opts, err := g.agentOptions()
 	if err != nil {
 		return nil, err
 	}
-	kc, err := newKeychain(g, metrics)
+	kc, err := newKeychain(g, set)
 	if err != nil {
 		return nil, err
 	}
-	if metrics != nil {
-		obs = append(obs, metrics)
+	if set != nil {
+		obs = append(obs, set)
 	}
-	opts.Credentials = kc.Credentials(ctx)
-	stall := g.stallTimeout
-	if stall == 0 {
-		stall = -1 // RetryOptions: negative is off, zero the default
+	opts = append(opts,
+		agent.WithRegistry(g.hostsDir, registry.WithCredentials(kc.Credentials(ctx)), registry.WithTransport(g.transport(kc, set))),
+		agent.WithObserver(observers(obs)))
+	a, err := agent.New(client, g.logger, opts...)
+	if err != nil {
+		return nil, usagef("pull settings: %v", err)
 	}
-	retry := agent.RetryOptions{StallTimeout: stall, Log: g.logger.Named("registry")}
-	if metrics != nil {
-		retry.OnRetry = metrics.RegistryRetry
-	}
-	// The keychain sees the final answer of each request (a 401 refreshes
-	// the ECR token); the retry layer below it absorbs 429s, 5xx, resets
-	// and stalls.
-	opts.WrapTransport = func(rt http.RoundTripper) http.RoundTripper {
-		return kc.WrapTransport(agent.NewRetryTransport(rt, retry))
-	}
-	opts.Observer = observers(obs)
-	return agent.New(client, g.logger.Named("agent"), opts), nil
+	return a, nil
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -54,6 +55,11 @@ spec: {ports: [{port: 80}]}
 
 	c := runPrepull(t, "lint", "--manifest", out, workloads, "--strict")
 	c.wantCode(0)
+	// No finding still says what was checked, in one line.
+	if lines := strings.Split(strings.TrimSpace(c.stdout), "\n"); len(lines) != 1 ||
+		!regexp.MustCompile(`^lint: checked 2 images against \d+ containers in \d+ workloads: 0 errors, 0 warnings, 0 notes$`).MatchString(lines[0]) {
+		t.Errorf("lint without findings printed %q, want one summary line", c.stdout)
+	}
 
 	runPrepull(t, "pull", "--manifest", out).wantCode(0)
 	for _, ref := range []string{p.Host + "/" + web, p.Host + "/wl/job@" + dj} {

@@ -22,6 +22,8 @@ import (
 	"github.com/prepull/prepull/ecrauth"
 	"github.com/prepull/prepull/ecrauth/ecrtest"
 	"github.com/prepull/prepull/internal/harness"
+	"github.com/prepull/prepull/manifest"
+	prepullregistry "github.com/prepull/prepull/registry"
 )
 
 // ecrHost is the registry name in every image reference. Nothing resolves
@@ -159,14 +161,16 @@ func newFixture(t *testing.T, opts ecrtest.Options) *fixture {
 		ecrauth.WithLoadOptions(isolatedAWSConfig(t, f.ecr)...),
 	)
 	f.kc = ecrauth.NewKeychain(log, p)
-	f.ag = agent.New(client, log, agent.Options{
-		HostsDir:    hostsDir,
-		Concurrency: 10,
-		Credentials: f.kc.Credentials(t.Context()),
-		WrapTransport: func(rt http.RoundTripper) http.RoundTripper {
-			return f.kc.WrapTransport(dialRegistry(rt))
-		},
-	})
+	ag, err := agent.New(client, log, agent.WithConcurrency(10),
+		agent.WithRegistry(hostsDir,
+			prepullregistry.WithCredentials(f.kc.Credentials(t.Context())),
+			prepullregistry.WithTransport(func(rt http.RoundTripper) http.RoundTripper {
+				return f.kc.WrapTransport(dialRegistry(rt))
+			})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.ag = ag
 	return f
 }
 
@@ -191,9 +195,9 @@ func (f failingTransport) RoundTrip(*http.Request) (*http.Response, error) { ret
 
 func (f *fixture) pull(t *testing.T, refs []string) []agent.Result {
 	t.Helper()
-	imgs := make([]agent.Image, len(refs))
+	imgs := make([]manifest.Image, len(refs))
 	for i, r := range refs {
-		imgs[i] = agent.Image{Ref: r, Written: r, Pin: true, Warm: false}
+		imgs[i] = manifest.Image{Ref: r, Written: r, Pin: true, Warm: false}
 	}
 	rs, err := f.ag.Pull(t.Context(), imgs)
 	if err != nil {

@@ -106,6 +106,7 @@ type Decision struct {
 // so that MarkDone records it). It returns an error only when the marker
 // exists but cannot be read: guessing then could warm on every boot or never.
 func Check(ctx context.Context, log *zap.Logger, stateDir string, api MetadataAPI, force bool) (Decision, error) {
+	log = log.Named("firstboot")
 	marker := filepath.Join(stateDir, MarkerName)
 	prev, err := readMarker(marker)
 	if err != nil {

@@ -111,6 +111,7 @@ var files = []file{
 // prepull.service`; with a root (an image builder staging a file system) it
 // leaves systemd alone. It stops at the first error.
 func Install(ctx context.Context, log *zap.Logger, opts Options) ([]Change, error) {
+	log = log.Named("install")
 	if opts.Files == nil {
 		return nil, errors.New("install: no source files")
 	}

@@ -1,4 +1,4 @@
-package agent
+package metrics
 
 import (
 	"errors"
@@ -13,17 +13,19 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/ecrauth"
+	"github.com/prepull/prepull/manifest"
 	"github.com/prepull/prepull/warmup"
 )
 
 func TestMetricsLintAndTextfile(t *testing.T) {
 	t.Parallel()
 	reg := prometheus.NewRegistry()
-	m := NewMetrics(reg, true)
-	img := Image{Ref: "docker.io/library/nginx:1.25", Pin: true}
-	m.PullFinished(Result{Image: img, Bytes: 10 << 20, Duration: 2 * time.Second})
-	m.PullFinished(Result{Image: Image{Ref: "docker.io/library/bad:1"}, Err: errors.New("boom"), Reason: ReasonNotFound, Duration: time.Second})
+	m := New(reg, true)
+	img := manifest.Image{Ref: "docker.io/library/nginx:1.25", Pin: true}
+	m.PullFinished(agent.Result{Image: img, Bytes: 10 << 20, Duration: 2 * time.Second})
+	m.PullFinished(agent.Result{Image: manifest.Image{Ref: "docker.io/library/bad:1"}, Err: errors.New("boom"), Reason: agent.ReasonNotFound, Duration: time.Second})
 	m.AddBytes(5 << 20)
 	m.AddFile(warmup.ResultRead)
 	m.AddFile(warmup.ResultSymlink)
@@ -32,7 +34,7 @@ func TestMetricsLintAndTextfile(t *testing.T) {
 	m.CacheHit(ecrauth.APIECR)
 	m.TokenRejected(ecrauth.APIECR)
 	m.SetBuildInfo("v1", "go1.26", "2.4.2", "overlayfs")
-	m.RunFinished([]Status{
+	m.RunFinished([]agent.Status{
 		{Ref: img.Ref, Present: true, Ready: true, Pinned: true, WantPin: true},
 		{Ref: "docker.io/library/bad:1", WantPin: true, Problems: []string{"not present"}},
 		{Ref: "docker.io/library/gone:1", WantPin: true, Problems: []string{"not present"}},
@@ -55,7 +57,7 @@ func TestMetricsLintAndTextfile(t *testing.T) {
 			t.Errorf("%s = %v, want %v", state, got, want)
 		}
 	}
-	if got := testutil.ToFloat64(m.pulls.WithLabelValues("failure", ReasonNotFound)); got != 1 {
+	if got := testutil.ToFloat64(m.pulls.WithLabelValues("failure", agent.ReasonNotFound)); got != 1 {
 		t.Errorf("failures = %v", got)
 	}
 	if got := testutil.ToFloat64(m.lastSuccess); got != 0 {
@@ -94,5 +96,40 @@ func TestMetricsLintAndTextfile(t *testing.T) {
 	}
 	if v := fams["prepull_image_pull_bytes_total"].Metric[0].GetCounter().GetValue(); v != 10<<20 {
 		t.Errorf("bytes = %v", v)
+	}
+}
+
+// A successful pull's series has no empty label value, and the warm-up
+// files help names every result the warm-up can report.
+func TestLabelsAndHelpFollowTheirSources(t *testing.T) {
+	t.Parallel()
+	reg := prometheus.NewRegistry()
+	m := New(reg, false)
+	m.PullFinished(agent.Result{Image: manifest.Image{Ref: "r/x:1"}, Duration: time.Second})
+	if got := testutil.ToFloat64(m.pulls.WithLabelValues("success", ReasonNone)); got != 1 {
+		t.Errorf("success with reason %q = %v, want 1", ReasonNone, got)
+	}
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		for _, s := range f.GetMetric() {
+			for _, l := range s.GetLabel() {
+				if l.GetValue() == "" {
+					t.Errorf("%s has an empty %s label", f.GetName(), l.GetName())
+				}
+			}
+		}
+		if f.GetName() == "prepull_warmup_files_total" {
+			for _, r := range warmup.Results() {
+				if !strings.Contains(f.GetHelp(), string(r)) {
+					t.Errorf("help %q does not name result %s", f.GetHelp(), r)
+				}
+			}
+			if len(f.GetMetric()) != len(warmup.Results()) {
+				t.Errorf("%d warm-up result series, want one per result (%d)", len(f.GetMetric()), len(warmup.Results()))
+			}
+		}
 	}
 }

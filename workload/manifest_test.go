@@ -9,12 +9,14 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/prepull/prepull/registry"
+
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/internal/harness"
+	"github.com/prepull/prepull/manifest"
 )
 
 var goodTestdata = []string{
@@ -95,9 +97,9 @@ func TestFromWorkloadsRoundTrip(t *testing.T) {
 
 	// Round trip: prepull's own parser loads it, with the same images,
 	// pinned and warmed by default.
-	pm, err := agent.ParseManifest("generated.yaml", data)
+	pm, err := manifest.Parse("generated.yaml", data)
 	if err != nil {
-		t.Fatalf("agent.ParseManifest(generated):\n%v\n%s", err, out)
+		t.Fatalf("manifest.Parse(generated):\n%v\n%s", err, out)
 	}
 	var loaded []string
 	for _, img := range pm.Images {
@@ -210,7 +212,7 @@ func (f *fakeResolver) Resolve(_ context.Context, ref string) (string, ocispec.D
 func TestResolveFake(t *testing.T) {
 	t.Parallel()
 	good := digest.Digest("sha256:" + strings.Repeat("01", 32))
-	m := &Manifest{Entries: []Entry{
+	m := &Inventory{Entries: []Entry{
 		{Ref: "docker.io/library/a:1"},
 		{Ref: "docker.io/library/b@sha256:" + strings.Repeat("02", 32)},
 		{Ref: "docker.io/library/c:1"},
@@ -341,11 +343,11 @@ func TestResolveRegistry(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			m := &Manifest{}
+			m := &Inventory{}
 			for _, r := range tt.refs {
 				m.Entries = append(m.Entries, Entry{Ref: r})
 			}
-			err := m.Resolve(t.Context(), NewResolver(t.Context(), hostsDir, tt.creds), 2)
+			err := m.Resolve(t.Context(), registry.NewResolver(t.Context(), hostsDir, registry.WithCredentials(tt.creds)), 2)
 			switch {
 			case tt.wantErr == "" && err != nil:
 				t.Fatalf("Resolve: %v", err)

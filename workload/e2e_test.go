@@ -7,11 +7,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/registry"
+
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/internal/harness"
+	"github.com/prepull/prepull/manifest"
 )
 
 // TestRoundTripE2E generates a manifest from workload YAML, pulls it with
@@ -35,9 +38,10 @@ func TestRoundTripE2E(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { client.Close() })
-	a := agent.New(client, zaptest.NewLogger(t), agent.Options{
-		Namespace: "k8s.io", Snapshotter: "auto", HostsDir: env.HostsDir, Concurrency: 2,
-	})
+	a, err := agent.New(client, zaptest.NewLogger(t), agent.WithRegistry(env.HostsDir), agent.WithConcurrency(2))
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	// Each case pushes its own repositories: records of one case must not
 	// satisfy the next.
@@ -93,7 +97,7 @@ spec:
 				t.Fatal(err)
 			}
 			if resolve {
-				if err := m.Resolve(ctx, NewResolver(ctx, env.HostsDir, nil), 2); err != nil {
+				if err := m.Resolve(ctx, registry.NewResolver(ctx, env.HostsDir), 2); err != nil {
 					t.Fatalf("Resolve: %v", err)
 				}
 			}
@@ -101,7 +105,7 @@ spec:
 			if err != nil {
 				t.Fatal(err)
 			}
-			pm, err := agent.ParseManifest("generated.yaml", data)
+			pm, err := manifest.Parse("generated.yaml", data)
 			if err != nil {
 				t.Fatalf("ParseManifest:\n%v\n%s", err, data)
 			}

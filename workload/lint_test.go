@@ -6,7 +6,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 )
 
 const (
@@ -166,7 +166,7 @@ func TestLint(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			m, err := agent.ParseManifest("m.yaml", []byte(tt.manifest))
+			m, err := manifest.Parse("m.yaml", []byte(tt.manifest))
 			if err != nil {
 				t.Fatalf("ParseManifest: %v", err)
 			}

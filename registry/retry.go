@@ -1,4 +1,4 @@
-package agent
+package registry
 
 import (
 	"context"
@@ -18,8 +18,8 @@ import (
 	"go.uber.org/zap"
 )
 
-// RetryOptions configure NewRetryTransport. Zero values mean the defaults.
-type RetryOptions struct {
+// policy is what NewTransport's options set. Zero values mean the defaults.
+type policy struct {
 	// MaxAttempts bounds the tries of one request, the first included
 	// (default 6). A blob body that breaks may be resumed MaxAttempts-1
 	// times in a row without progress.
@@ -36,16 +36,57 @@ type RetryOptions struct {
 	StallTimeout time.Duration
 	// Log receives one line per retry; nil means none.
 	Log *zap.Logger
-	// OnRetry, when set, is called once per retry with a bounded reason
-	// (RetryThrottled, RetryServerError, RetryTransport, RetryStall,
-	// RetryResume), for metrics. It must not block.
+	// OnRetry, when set, is called once per retry with a bounded reason.
 	OnRetry func(reason string)
 
 	// jitter returns a value in [0,1); nil means math/rand. Tests pin it.
 	jitter func() float64
 }
 
-// Retry reasons passed to RetryOptions.OnRetry.
+// TransportOption configures NewTransport.
+type TransportOption func(*policy)
+
+// WithMaxAttempts bounds the tries of one request, the first included
+// (default 6). A blob body that breaks may be resumed n-1 times in a row
+// without progress.
+func WithMaxAttempts(n int) TransportOption { return func(p *policy) { p.MaxAttempts = n } }
+
+// WithBackoff sets the first backoff step (default 500ms); each retry
+// doubles it up to max (default 15s), with jitter.
+func WithBackoff(base, max time.Duration) TransportOption {
+	return func(p *policy) { p.BaseDelay, p.MaxDelay = base, max }
+}
+
+// WithMaxRetryAfter sets the longest Retry-After the transport waits for
+// (default 2m); a registry asking for more gets its answer passed on.
+func WithMaxRetryAfter(d time.Duration) TransportOption {
+	return func(p *policy) { p.MaxRetryAfter = d }
+}
+
+// WithStallTimeout aborts a request that receives no bytes (headers or
+// body) for d and retries or resumes it (default 30s; 0 turns it off).
+func WithStallTimeout(d time.Duration) TransportOption {
+	return func(p *policy) {
+		p.StallTimeout = d
+		if d <= 0 {
+			p.StallTimeout = -1
+		}
+	}
+}
+
+// WithLogger logs one line per retry to log (default: none).
+func WithLogger(log *zap.Logger) TransportOption {
+	return func(p *policy) { p.Log = log.Named("registry") }
+}
+
+// WithRetryObserver calls fn once per retry with a bounded reason
+// (RetryThrottled, RetryServerError, RetryTransport, RetryStall,
+// RetryResume), for metrics. fn must not block.
+func WithRetryObserver(fn func(reason string)) TransportOption {
+	return func(p *policy) { p.OnRetry = fn }
+}
+
+// Retry reasons passed to WithRetryObserver's function.
 const (
 	RetryThrottled   = "throttled"    // 429
 	RetryServerError = "server_error" // 500, 502, 503, 504
@@ -73,7 +114,7 @@ func (e *StallError) Temporary() bool { return true }
 
 var _ net.Error = (*StallError)(nil)
 
-// NewRetryTransport returns a RoundTripper that makes registry GETs and HEADs
+// NewTransport returns a RoundTripper that makes registry GETs and HEADs
 // survive what registries and networks do under load: 429 (honoring
 // Retry-After, in seconds or as an HTTP date) and 500/502/503/504 are retried
 // with jittered exponential backoff, as are refused and reset connections;
@@ -87,7 +128,11 @@ var _ net.Error = (*StallError)(nil)
 // through untouched. Every wait ends with the request's context: when the
 // context's deadline comes before the next try would, the last answer is
 // returned straight away.
-func NewRetryTransport(next http.RoundTripper, opts RetryOptions) http.RoundTripper {
+func NewTransport(next http.RoundTripper, options ...TransportOption) http.RoundTripper {
+	var opts policy
+	for _, o := range options {
+		o(&opts)
+	}
 	if opts.MaxAttempts <= 0 {
 		opts.MaxAttempts = 6
 	}
@@ -117,7 +162,7 @@ func NewRetryTransport(next http.RoundTripper, opts RetryOptions) http.RoundTrip
 
 type retryTransport struct {
 	next http.RoundTripper
-	opts RetryOptions
+	opts policy
 
 	// exhausted remembers requests whose retries ran out recently, so that
 	// containerd's own retry loop above (up to 5 tries on a 429) does not
@@ -407,179 +452,4 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 	case <-tm.C:
 		return nil
 	}
-}
-
-// drain reads a little of a body being discarded, so the connection can be
-// reused, and closes it.
-func drain(body io.ReadCloser) {
-	if body == nil {
-		return
-	}
-	_, _ = io.CopyN(io.Discard, body, 64<<10)
-	_ = body.Close()
-}
-
-type cancelOnClose struct {
-	io.ReadCloser
-	cancel context.CancelCauseFunc
-}
-
-func (c *cancelOnClose) Close() error {
-	err := c.ReadCloser.Close()
-	c.cancel(nil)
-	return err
-}
-
-// retryBody is a response body that survives breaks: when the current
-// response fails or stalls mid-way, it asks again from the first byte not
-// yet delivered.
-type retryBody struct {
-	t   *retryTransport
-	req *http.Request
-	cur io.ReadCloser
-	at  attempt
-
-	resumable  bool
-	start, end int64 // the byte range of the stream; end -1: unknown
-	delivered  int64
-	noProgress int // consecutive breaks without a byte delivered
-	resumes    int
-	pending    error // a break seen along with data; handled on the next Read
-	err        error // sticky
-	closed     bool
-}
-
-func (b *retryBody) Read(p []byte) (int, error) {
-	for {
-		if b.closed {
-			return 0, errors.New("read on closed response body")
-		}
-		if b.err != nil {
-			return 0, b.err
-		}
-		var n int
-		var err error
-		if b.pending != nil {
-			err, b.pending = b.pending, nil
-		} else {
-			n, err = b.readCur(p)
-			b.delivered += int64(n)
-		}
-		if n > 0 {
-			b.noProgress = 0
-		}
-		if err == nil || err == io.EOF {
-			return n, err
-		}
-		if n > 0 {
-			b.pending = err
-			return n, nil
-		}
-		if rerr := b.resume(err); rerr != nil {
-			b.err = rerr
-			return 0, rerr
-		}
-	}
-}
-
-// readCur reads from the current response with the stall timer armed.
-func (b *retryBody) readCur(p []byte) (int, error) {
-	stop := b.t.watch(b.at)
-	n, err := b.cur.Read(p)
-	stop()
-	if err != nil && err != io.EOF && b.at.stalled() && b.req.Context().Err() == nil {
-		err = &StallError{Host: b.req.URL.Host, After: b.t.opts.StallTimeout}
-	}
-	return n, err
-}
-
-// resume replaces the broken current response by a new one starting at the
-// first undelivered byte, or returns the error to give the caller.
-func (b *retryBody) resume(cause error) error {
-	ctx := b.req.Context()
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	if !b.resumable || !retryableErr(cause) {
-		return cause
-	}
-	b.noProgress++
-	b.resumes++
-	if b.noProgress >= b.t.opts.MaxAttempts || b.resumes > 4*b.t.opts.MaxAttempts {
-		return fmt.Errorf("%w (gave up after %d resumes)", cause, b.resumes-1)
-	}
-	_ = b.cur.Close()
-	b.at.cancel(nil)
-	b.cur = http.NoBody
-
-	offset := b.start + b.delivered
-	if b.end >= 0 && offset > b.end {
-		return cause
-	}
-	wait := b.t.backoff(b.noProgress)
-	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
-		return cause
-	}
-	reason := RetryResume
-	var se *StallError
-	if errors.As(cause, &se) {
-		reason = RetryStall
-	}
-	b.t.opts.Log.Info("registry download resumed",
-		zap.String("reason", reason), zap.String("host", b.req.URL.Host), zap.String("path", b.req.URL.Path),
-		zap.Int64("offset", offset), zap.Int("resume", b.resumes), zap.Duration("wait", wait),
-		zap.NamedError("cause", cause))
-	if b.t.opts.OnRetry != nil {
-		b.t.opts.OnRetry(reason)
-	}
-	if err := sleepCtx(ctx, wait); err != nil {
-		return err
-	}
-	rng := fmt.Sprintf("bytes=%d-", offset)
-	if b.end >= 0 {
-		rng = fmt.Sprintf("bytes=%d-%d", offset, b.end)
-	}
-	resp, at, err := b.t.do(b.req, rng, false)
-	if err != nil {
-		return fmt.Errorf("resume at byte %d: %w", offset, err)
-	}
-	b.cur, b.at = resp.Body, at
-	switch resp.StatusCode {
-	case http.StatusPartialContent:
-		first, _, ok := parseContentRange(resp.Header.Get("Content-Range"))
-		if !ok || first != offset {
-			return fmt.Errorf("resume at byte %d: registry answered range %q", offset, resp.Header.Get("Content-Range"))
-		}
-	case http.StatusOK:
-		// The server ignores ranges: take it from the top and skip what the
-		// caller already has.
-		if _, err := io.CopyN(io.Discard, readerFunc(b.readCur), offset); err != nil {
-			return fmt.Errorf("resume at byte %d: skip: %w", offset, err)
-		}
-		if b.end >= 0 {
-			b.cur = limitedBody{Reader: io.LimitReader(resp.Body, b.end-offset+1), Closer: resp.Body}
-		}
-	default:
-		return fmt.Errorf("resume at byte %d: registry answered %s", offset, resp.Status)
-	}
-	return nil
-}
-
-type readerFunc func([]byte) (int, error)
-
-func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
-
-type limitedBody struct {
-	io.Reader
-	io.Closer
-}
-
-func (b *retryBody) Close() error {
-	if b.closed {
-		return nil
-	}
-	b.closed = true
-	err := b.cur.Close()
-	b.at.cancel(nil)
-	return err
 }

@@ -1,129 +1,23 @@
-// Package agent pulls the images of a prepull manifest into containerd so that
-// kubelet finds them ready: image records for tag, digest and config id,
-// labelled and pinned the way the CRI plugin labels its own pulls, unpacked for
-// the snapshotter the CRI plugin uses. It also reports what is on the node.
-package agent
+package manifest
 
 import (
 	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"math"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/containerd/platforms"
-	"github.com/distribution/reference"
 	goccy "github.com/goccy/go-yaml"
 	goccyparser "github.com/goccy/go-yaml/parser"
+
+	"github.com/containerd/platforms"
+	"github.com/distribution/reference"
 	"gopkg.in/yaml.v3"
 )
-
-// Image is one entry of a manifest, validated and normalized.
-type Image struct {
-	// Ref is the normalized reference, as containerd and kubelet spell it
-	// (docker.io/library/nginx:latest).
-	Ref string `json:"ref"`
-	// Written is the reference as the manifest wrote it.
-	Written string `json:"-"`
-	// Tag is kept from a "repo:tag@sha256:..." reference (normalizing drops
-	// it): the image is pulled by digest and a repo:tag record is created
-	// too, because a pod that names the tag makes kubelet look that up.
-	Tag string `json:"tag,omitempty"`
-	// Platform is the normalized platform ("linux/arm64"), empty for the node's.
-	Platform string `json:"platform,omitempty"`
-	// Pin asks for io.cri-containerd.pinned=pinned so kubelet image GC keeps it.
-	Pin bool `json:"pin"`
-	// Warm asks the warm phase to pre-read the image's snapshot files.
-	Warm bool `json:"warm"`
-	// Priority lists paths inside the image that the warm phase reads first.
-	Priority []string `json:"priority,omitempty"`
-	// Source says where the entry came from ("manifest.yaml:7", "--image").
-	Source string `json:"-"`
-}
-
-// Settings are the manifest's optional defaults; flags and environment win.
-// A nil field was not set.
-type Settings struct {
-	Concurrency   *int
-	Snapshotter   *string
-	Timeout       *time.Duration
-	WarmMode      *string
-	WarmWorkers   *int
-	WarmBlockSize *int64
-	WarmRate      *int64
-	WarmBudget    *int64
-	Interval      *time.Duration
-}
-
-// Manifest is a validated list of images with optional settings.
-type Manifest struct {
-	Path     string
-	Images   []Image
-	Settings Settings
-	// Warnings are problems that do not stop a pull (a :latest tag, say),
-	// each prefixed with its source.
-	Warnings []string
-}
-
-// ManifestError lists every problem found in a manifest, each as
-// "file:line: message". Nothing is pulled when a manifest has one.
-type ManifestError struct {
-	Problems []string
-}
-
-func (e *ManifestError) Error() string { return strings.Join(e.Problems, "\n") }
-
-// LoadManifest reads and validates the manifest at path. Both the YAML form and
-// the plain form (one reference per line, # comments) are accepted.
-func LoadManifest(path string) (*Manifest, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, &ManifestError{Problems: []string{fmt.Sprintf("%s: %v", path, errors.Unwrap(err))}}
-	}
-	return ParseManifest(path, data)
-}
-
-// ParseManifest validates data as the manifest named name (used in messages).
-func ParseManifest(name string, data []byte) (*Manifest, error) {
-	p := &parser{name: name, m: &Manifest{Path: name}, seen: map[string]string{}}
-	if isYAML(name, data) {
-		p.parseYAML(data)
-	} else {
-		p.parseText(data)
-	}
-	if len(p.problems) > 0 {
-		return nil, &ManifestError{Problems: p.problems}
-	}
-	if len(p.m.Images) == 0 {
-		return nil, &ManifestError{Problems: []string{name + ": no images"}}
-	}
-	return p.m, nil
-}
-
-// ImagesFromRefs builds a manifest from --image flags: pinned and warmed.
-func ImagesFromRefs(refs []string) (*Manifest, error) {
-	p := &parser{name: "--image", m: &Manifest{Path: "--image"}, seen: map[string]string{}}
-	for i, r := range refs {
-		src := fmt.Sprintf("--image[%d]", i)
-		if len(refs) == 1 {
-			src = "--image"
-		}
-		p.add(src, Image{Written: r, Pin: true, Warm: true})
-	}
-	if len(p.problems) > 0 {
-		return nil, &ManifestError{Problems: p.problems}
-	}
-	if len(p.m.Images) == 0 {
-		return nil, &ManifestError{Problems: []string{"no images: give --manifest FILE or --image REF"}}
-	}
-	return p.m, nil
-}
 
 var yamlKeyLine = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_-]*:\s*(#.*)?$`)
 
@@ -149,7 +43,7 @@ func isYAML(name string, data []byte) bool {
 
 type parser struct {
 	name     string
-	m        *Manifest
+	m        *List
 	problems []string
 	seen     map[string]string // ref|platform → source of first occurrence
 }
@@ -451,64 +345,6 @@ func (p *parser) add(src string, img Image) {
 	p.m.Images = append(p.m.Images, img)
 }
 
-// NormalizeRef normalizes a reference the way containerd's CRI plugin and
-// kubelet do ("nginx" → "docker.io/library/nginx:latest"). The warning is set
-// when kubelet's default imagePullPolicy for the reference is Always, which
-// makes a pre-pull useless.
-func NormalizeRef(s string) (ref, warning string, err error) {
-	if s == "" {
-		return "", "", errors.New("empty image reference")
-	}
-	if imageID.MatchString(s) {
-		return "", "", fmt.Errorf("invalid image reference %q: that is an image id, not something a registry serves", s)
-	}
-	if strings.Contains(s, "://") {
-		return "", "", fmt.Errorf("invalid image reference %q: a reference has no scheme", s)
-	}
-	named, err := reference.ParseDockerRef(s)
-	if err != nil {
-		return "", "", fmt.Errorf("invalid image reference %q: %v", s, err)
-	}
-	ref = named.String()
-	if _, isDigested := named.(reference.Digested); !isDigested {
-		parsed, _ := reference.ParseNormalizedNamed(s)
-		if t, ok := parsed.(reference.Tagged); !ok {
-			warning = fmt.Sprintf("%s has no tag (defaults to :latest); kubelet's default imagePullPolicy for it is Always, so pods pull it again anyway", s)
-		} else if t.Tag() == "latest" {
-			warning = fmt.Sprintf("%s uses :latest; kubelet's default imagePullPolicy for it is Always, so pods pull it again anyway", s)
-		}
-	}
-	return ref, warning, nil
-}
-
-// ParseSize parses a byte count: plain bytes or with a unit (k, KiB, M, MiB, G, GiB).
-func ParseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	i := len(s)
-	for i > 0 && (s[i-1] < '0' || s[i-1] > '9') {
-		i--
-	}
-	num, unit := s[:i], strings.ToLower(strings.TrimSpace(s[i:]))
-	n, err := strconv.ParseFloat(num, 64)
-	if err != nil || n < 0 || strings.ContainsAny(num, "eE") {
-		return 0, fmt.Errorf("invalid size %q (want e.g. 1048576, 512KiB, 1MiB, 2G)", s)
-	}
-	mult := map[string]float64{
-		"": 1, "b": 1,
-		"k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-		"m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-		"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-		"t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
-	}[unit]
-	if mult == 0 {
-		return 0, fmt.Errorf("invalid size %q: unknown unit %q", s, unit)
-	}
-	if n*mult >= math.MaxInt64 {
-		return 0, fmt.Errorf("invalid size %q: too large", s)
-	}
-	return int64(n * mult), nil
-}
-
 // forEachKey calls fn for each key of mapping m; a key given twice is an
 // error (decoding into yaml.Node does not reject it, and silently taking one
 // of "pin: true" and "pin: false" would be a guess).
@@ -524,8 +360,6 @@ func (p *parser) forEachKey(m *yaml.Node, fn func(k, v *yaml.Node)) {
 		fn(k, m.Content[i+1])
 	}
 }
-
-var imageID = regexp.MustCompile(`^(sha256:)?[a-f0-9]{64}$`)
 
 var yamlLineRe = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
 

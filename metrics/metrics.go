@@ -1,18 +1,26 @@
-package agent
+// Package metrics is prepull's Prometheus side: the metric families (Set),
+// which implement the observer interfaces the pull (agent.Observer), the
+// warm-up (warmup.Observer) and ECR credentials (ecrauth.Observer) own; the
+// /metrics, /healthz and /readyz server; and the node_exporter textfile
+// writer. No other package imports Prometheus.
+package metrics
 
 import (
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/ecrauth"
 	"github.com/prepull/prepull/warmup"
 )
 
-// Metrics are prepull's Prometheus metrics. They implement Observer for
-// pulls and take warm-up and ECR token events through their own methods.
-type Metrics struct {
+// Set is prepull's metric families. It implements agent.Observer,
+// warmup.Observer and ecrauth.Observer, and takes run-level events through
+// its own methods. Safe for concurrent use.
+type Set struct {
 	pullDuration   *prometheus.HistogramVec
 	pulls          *prometheus.CounterVec
 	pullBytes      prometheus.Counter
@@ -43,11 +51,11 @@ type Metrics struct {
 // PullBuckets are the pull-time histogram buckets: 0.5 s to 30 min.
 var PullBuckets = []float64{0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800}
 
-// NewMetrics registers prepull's metrics with reg. perImage adds gauges
-// labelled with the manifest's own image references (a bounded set the
-// operator chose), never digests.
-func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
-	m := &Metrics{
+// New registers prepull's metrics with reg. perImage adds gauges labelled
+// with the manifest's own image references (a bounded set the operator
+// chose), never digests.
+func New(reg prometheus.Registerer, perImage bool) *Set {
+	m := &Set{
 		pullDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "prepull_image_pull_duration_seconds",
 			Help:    "Time to pull, unpack and record one image.",
@@ -55,7 +63,7 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 		}, []string{"result"}),
 		pulls: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_image_pulls_total",
-			Help: "Image pulls by result (success, failure) and failure reason.",
+			Help: "Image pulls by result (success, failure) and reason (" + ReasonNone + " for a success, else a bounded failure reason).",
 		}, []string{"result", "reason"}),
 		pullBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "prepull_image_pull_bytes_total",
@@ -77,7 +85,7 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 		}),
 		warmFiles: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_warmup_files_total",
-			Help: "Snapshot entries seen by the warm-up, by result: read, skipped_symlink, skipped_special, error.",
+			Help: "Snapshot entries seen by the warm-up, by result: " + warmResultList() + ".",
 		}, []string{"result"}),
 		images: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "prepull_images",
@@ -127,13 +135,13 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 	for _, r := range []string{"success", "failure"} {
 		m.pullDuration.WithLabelValues(r)
 	}
-	m.pulls.WithLabelValues("success", "")
+	m.pulls.WithLabelValues("success", ReasonNone)
 	m.reloads.WithLabelValues("applied")
 	m.reloads.WithLabelValues("invalid")
 	for _, s := range []string{"ready", "missing", "failed", "unpinned"} {
 		m.images.WithLabelValues(s)
 	}
-	for _, r := range []warmup.Result{warmup.ResultRead, warmup.ResultSymlink, warmup.ResultSpecial, warmup.ResultError} {
+	for _, r := range warmup.Results() {
 		m.warmFiles.WithLabelValues(string(r))
 	}
 	if perImage {
@@ -150,13 +158,26 @@ func NewMetrics(reg prometheus.Registerer, perImage bool) *Metrics {
 	return m
 }
 
-// PullFinished implements Observer.
-func (m *Metrics) PullFinished(r Result) {
-	result, reason := "success", ""
+// ReasonNone is the reason label of a successful pull: a label set with no
+// empty values.
+const ReasonNone = "none"
+
+// warmResultList is the warm-up results for the help text.
+func warmResultList() string {
+	var names []string
+	for _, r := range warmup.Results() {
+		names = append(names, string(r))
+	}
+	return strings.Join(names, ", ")
+}
+
+// PullFinished implements agent.Observer.
+func (m *Set) PullFinished(r agent.Result) {
+	result, reason := "success", ReasonNone
 	if r.Err != nil {
 		result, reason = "failure", r.Reason
 		if reason == "" {
-			reason = ReasonOther
+			reason = agent.ReasonOther
 		}
 	}
 	m.pullDuration.WithLabelValues(result).Observe(r.Duration.Seconds())
@@ -171,50 +192,51 @@ func (m *Metrics) PullFinished(r Result) {
 }
 
 var (
-	_ warmup.Observer  = (*Metrics)(nil)
-	_ ecrauth.Observer = (*Metrics)(nil)
+	_ agent.Observer   = (*Set)(nil)
+	_ warmup.Observer  = (*Set)(nil)
+	_ ecrauth.Observer = (*Set)(nil)
 )
 
 // AddBytes implements warmup.Observer.
-func (m *Metrics) AddBytes(n int64) { m.warmBytes.Add(float64(n)) }
+func (m *Set) AddBytes(n int64) { m.warmBytes.Add(float64(n)) }
 
 // AddFile implements warmup.Observer; results are warmup's bounded set.
-func (m *Metrics) AddFile(r warmup.Result) { m.warmFiles.WithLabelValues(string(r)).Inc() }
+func (m *Set) AddFile(r warmup.Result) { m.warmFiles.WithLabelValues(string(r)).Inc() }
 
 // ObserveImage implements warmup.Observer.
-func (m *Metrics) ObserveImage(_ string, seconds float64) { m.warmDuration.Observe(seconds) }
+func (m *Set) ObserveImage(_ string, seconds float64) { m.warmDuration.Observe(seconds) }
 
 // TokenRequest implements ecrauth.Observer.
-func (m *Metrics) TokenRequest(api, result string) { m.tokens.WithLabelValues(api, result).Inc() }
+func (m *Set) TokenRequest(api, result string) { m.tokens.WithLabelValues(api, result).Inc() }
 
 // CacheHit implements ecrauth.Observer.
-func (m *Metrics) CacheHit(api string) { m.tokenHits.WithLabelValues(api).Inc() }
+func (m *Set) CacheHit(api string) { m.tokenHits.WithLabelValues(api).Inc() }
 
 // TokenRejected implements ecrauth.Observer.
-func (m *Metrics) TokenRejected(api string) { m.tokenReject.WithLabelValues(api).Inc() }
+func (m *Set) TokenRejected(api string) { m.tokenReject.WithLabelValues(api).Inc() }
 
 // SetBuildInfo sets prepull_build_info.
-func (m *Metrics) SetBuildInfo(version, goVersion, containerdVersion, snapshotter string) {
+func (m *Set) SetBuildInfo(version, goVersion, containerdVersion, snapshotter string) {
 	m.buildInfo.Reset()
 	m.buildInfo.WithLabelValues(version, goVersion, containerdVersion, snapshotter).Set(1)
 }
 
 // RegistryRetry counts one retried or resumed registry request
-// (RetryOptions.OnRetry).
-func (m *Metrics) RegistryRetry(reason string) { m.retries.WithLabelValues(reason).Inc() }
+// (registry.WithRetryObserver).
+func (m *Set) RegistryRetry(reason string) { m.retries.WithLabelValues(reason).Inc() }
 
 // ManifestReload counts a manifest change the daemon applied or rejected.
-func (m *Metrics) ManifestReload(result string) { m.reloads.WithLabelValues(result).Inc() }
+func (m *Set) ManifestReload(result string) { m.reloads.WithLabelValues(result).Inc() }
 
 // SetRunPhase records the duration of one phase of the last run.
-func (m *Metrics) SetRunPhase(phase string, d time.Duration) {
+func (m *Set) SetRunPhase(phase string, d time.Duration) {
 	m.runDuration.WithLabelValues(phase).Set(d.Seconds())
 }
 
 // RunFinished records a run's or reconcile's end: image states and times.
 // failed holds the images whose pull or warm-up failed in this run; the
 // last-success time moves only when every image is ready and none failed.
-func (m *Metrics) RunFinished(sts []Status, failed map[string]bool, phases map[string]time.Duration, at time.Time) {
+func (m *Set) RunFinished(sts []agent.Status, failed map[string]bool, phases map[string]time.Duration, at time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	counts := map[string]int{"ready": 0, "missing": 0, "failed": 0, "unpinned": 0}

@@ -1,4 +1,4 @@
-package agent
+package registry
 
 import (
 	"bytes"
@@ -246,7 +246,7 @@ func TestRetryStatuses(t *testing.T) {
 				}
 				f := &fakeRT{steps: tc.steps()}
 				var reasons []string
-				rt := NewRetryTransport(f, RetryOptions{OnRetry: func(r string) { reasons = append(reasons, r) }})
+				rt := NewTransport(f, withPolicy(policy{OnRetry: func(r string) { reasons = append(reasons, r) }}))
 				method := tc.method
 				if method == "" {
 					method = http.MethodGet
@@ -279,7 +279,7 @@ func steps(s ...func(*http.Request) (*http.Response, error)) []func(*http.Reques
 func TestRetryBackoffIsJitteredExponential(t *testing.T) {
 	t.Parallel()
 	for _, j := range []float64{0, 0.5, 0.999} {
-		rt := NewRetryTransport(nil, RetryOptions{BaseDelay: time.Second, MaxDelay: 8 * time.Second, jitter: func() float64 { return j }}).(*retryTransport)
+		rt := NewTransport(nil, withPolicy(policy{BaseDelay: time.Second, MaxDelay: 8 * time.Second, jitter: func() float64 { return j }})).(*retryTransport)
 		for n, d := range []time.Duration{1, 2, 4, 8, 8, 8} {
 			d *= time.Second
 			got := rt.backoff(n + 1)
@@ -297,7 +297,7 @@ func TestRetryExhaustedRequestIsNotRetriedAgainAtOnce(t *testing.T) {
 		// containerd retries a 429 up to 5 times itself; once our budget is
 		// spent, its repeats must not each spend it again.
 		f := &fakeRT{steps: steps(status(503))}
-		rt := NewRetryTransport(f, RetryOptions{MaxAttempts: 3})
+		rt := NewTransport(f, withPolicy(policy{MaxAttempts: 3}))
 		for range 3 {
 			resp, err := rt.RoundTrip(newReq(t, t.Context(), http.MethodGet, blobURL))
 			if err != nil {
@@ -342,7 +342,7 @@ func TestRetryTransportErrors(t *testing.T) {
 			t.Parallel()
 			synctest.Test(t, func(t *testing.T) {
 				f := &fakeRT{steps: tc.steps}
-				rt := NewRetryTransport(f, RetryOptions{StallTimeout: 5 * time.Second})
+				rt := NewTransport(f, withPolicy(policy{StallTimeout: 5 * time.Second}))
 				resp, err := rt.RoundTrip(newReq(t, t.Context(), http.MethodGet, blobURL))
 				if (err != nil) != tc.wantErr {
 					t.Fatalf("err = %v, want error %v", err, tc.wantErr)
@@ -370,7 +370,7 @@ func TestRetryHeaderStallGivesUpWithStallError(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeRT{steps: steps(hang)}
-		rt := NewRetryTransport(f, RetryOptions{StallTimeout: 2 * time.Second, MaxAttempts: 2})
+		rt := NewTransport(f, withPolicy(policy{StallTimeout: 2 * time.Second, MaxAttempts: 2}))
 		_, err := rt.RoundTrip(newReq(t, t.Context(), http.MethodGet, blobURL))
 		var se *StallError
 		if !errors.As(err, &se) || se.After != 2*time.Second {
@@ -391,7 +391,7 @@ func TestRetryContextCancelStopsWaiting(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
 		f := &fakeRT{steps: steps(status(429, "Retry-After", "60"))}
-		rt := NewRetryTransport(f, RetryOptions{})
+		rt := NewTransport(f, withPolicy(policy{}))
 		done := make(chan error, 1)
 		start := time.Now()
 		go func() {
@@ -486,7 +486,7 @@ func TestRetryBodyResumes(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				f := &fakeRT{steps: tc.steps}
 				var reasons []string
-				rt := NewRetryTransport(f, RetryOptions{StallTimeout: 30 * time.Second, OnRetry: func(r string) { reasons = append(reasons, r) }})
+				rt := NewTransport(f, withPolicy(policy{StallTimeout: 30 * time.Second, OnRetry: func(r string) { reasons = append(reasons, r) }}))
 				url := tc.url
 				if url == "" {
 					url = blobURL
@@ -532,7 +532,7 @@ func TestRetryBodySlowConsumerIsNotAStall(t *testing.T) {
 		// before it is consumed: time between Reads is not a stall.
 		blob := testBlob(5000)
 		f := &fakeRT{steps: steps(serve(blob, -1, nil, true))}
-		rt := NewRetryTransport(f, RetryOptions{StallTimeout: time.Second})
+		rt := NewTransport(f, withPolicy(policy{StallTimeout: time.Second}))
 		resp, err := rt.RoundTrip(newReq(t, t.Context(), http.MethodGet, blobURL))
 		if err != nil {
 			t.Fatal(err)
@@ -647,7 +647,7 @@ func TestRetryAgainstHTTPServer(t *testing.T) {
 	defer srv.Close()
 	tr := srv.Client().Transport.(*http.Transport).Clone()
 	defer tr.CloseIdleConnections()
-	rt := NewRetryTransport(tr, RetryOptions{StallTimeout: 300 * time.Millisecond, BaseDelay: 10 * time.Millisecond})
+	rt := NewTransport(tr, withPolicy(policy{StallTimeout: 300 * time.Millisecond, BaseDelay: 10 * time.Millisecond}))
 	client := &http.Client{Transport: rt}
 	path := "/v2/x/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	resp, err := client.Get(srv.URL + path)
@@ -667,3 +667,6 @@ func TestRetryAgainstHTTPServer(t *testing.T) {
 	}
 	srv.CloseClientConnections()
 }
+
+// withPolicy sets the whole policy at once, jitter included.
+func withPolicy(p policy) TransportOption { return func(q *policy) { *q = p } }

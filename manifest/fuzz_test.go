@@ -1,4 +1,4 @@
-package agent
+package manifest
 
 import (
 	"errors"
@@ -38,14 +38,14 @@ func FuzzParseManifest(f *testing.F) {
 		if name == "" || strings.ContainsAny(name, "\n\r") || !utf8.ValidString(name) {
 			return
 		}
-		m, err := ParseManifest(name, data)
+		m, err := Parse(name, data)
 		if err != nil {
-			var me *ManifestError
+			var me *Error
 			if !errors.As(err, &me) {
-				t.Fatalf("error %v is not a *ManifestError", err)
+				t.Fatalf("error %v is not a *Error", err)
 			}
 			if len(me.Problems) == 0 {
-				t.Fatal("ManifestError without problems")
+				t.Fatal("Error without problems")
 			}
 			for _, p := range me.Problems {
 				if !strings.HasPrefix(p, name+":") {
@@ -131,8 +131,8 @@ func FuzzNormalizeRef(f *testing.F) {
 				t.Errorf("NormalizeRef(%q) = %q has neither tag nor digest", s, ref)
 			}
 		}
-		if _, _, err := splitRef(ref); err != nil {
-			t.Errorf("splitRef(%q): %v", ref, err)
+		if _, _, _, err := Split(ref); err != nil {
+			t.Errorf("Split(%q): %v", ref, err)
 		}
 	})
 }

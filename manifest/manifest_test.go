@@ -1,24 +1,15 @@
-package agent
+package manifest
 
 import (
-	"context"
 	"errors"
-	"fmt"
-	"net/url"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/containerd/containerd/v2/core/images"
-	"github.com/containerd/containerd/v2/core/remotes"
-	"github.com/opencontainers/go-digest"
-	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 func TestParseManifestYAML(t *testing.T) {
 	t.Parallel()
-	m, err := ParseManifest("m.yaml", []byte(`# comment
+	m, err := Parse("m.yaml", []byte(`# comment
 images:
   - ref: 123456789012.dkr.ecr.us-west-2.amazonaws.com/ml-image:2025.06.1
   - ref: public.ecr.aws/eks-distro/kubernetes/pause:3.9
@@ -64,7 +55,7 @@ settings:
 
 func TestParseManifestPlain(t *testing.T) {
 	t.Parallel()
-	m, err := ParseManifest("images", []byte("# one per line\nnginx:1.25\n\n  registry.k8s.io/pause:3.10  # the sandbox\nlocalhost:5000/app\n"))
+	m, err := Parse("images", []byte("# one per line\nnginx:1.25\n\n  registry.k8s.io/pause:3.10  # the sandbox\nlocalhost:5000/app\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,10 +96,10 @@ func TestParseManifestErrors(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			_, err := ParseManifest(tc.file, []byte(tc.data))
-			var me *ManifestError
+			_, err := Parse(tc.file, []byte(tc.data))
+			var me *Error
 			if !errors.As(err, &me) {
-				t.Fatalf("err = %v, want a *ManifestError", err)
+				t.Fatalf("err = %v, want a *Error", err)
 			}
 			if len(me.Problems) != len(tc.want) {
 				t.Fatalf("problems = %q, want %d like %q", me.Problems, len(tc.want), tc.want)
@@ -163,110 +154,5 @@ func TestParseSize(t *testing.T) {
 		if _, err := ParseSize(bad); err == nil {
 			t.Errorf("ParseSize(%q) succeeded", bad)
 		}
-	}
-}
-
-func TestRecordNames(t *testing.T) {
-	t.Parallel()
-	d := "sha256:" + strings.Repeat("b", 64)
-	got, err := recordNames(Image{Ref: "docker.io/library/nginx:1.25"}, d, "sha256:cfg")
-	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx:1.25 docker.io/library/nginx@"+d {
-		t.Errorf("recordNames(tag) = %v, %v", got, err)
-	}
-	got, err = recordNames(Image{Ref: "docker.io/library/nginx@" + d}, d, "sha256:cfg")
-	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx@"+d {
-		t.Errorf("recordNames(digest) = %v, %v", got, err)
-	}
-	// repo:tag@digest keeps the tag record a pod naming the tag needs.
-	m, err := ParseManifest("m", []byte("nginx:1.25@"+d+"\nnginx:1.25.3@"+d+"\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	got, err = recordNames(m.Images[0], d, "sha256:cfg")
-	if err != nil || strings.Join(got, " ") != "sha256:cfg docker.io/library/nginx:1.25 docker.io/library/nginx@"+d {
-		t.Errorf("recordNames(tag@digest) = %v, %v", got, err)
-	}
-}
-
-func TestKeyedMutex(t *testing.T) {
-	t.Parallel()
-	k := newKeyedMutex()
-	ctx := t.Context()
-	if err := k.Lock(ctx, "a"); err != nil {
-		t.Fatal(err)
-	}
-	if err := k.Lock(ctx, "b"); err != nil {
-		t.Fatal("a different key must not block:", err)
-	}
-	cctx, cancel := contextWithCancel(ctx)
-	cancel()
-	if err := k.Lock(cctx, "a"); err == nil {
-		t.Fatal("locking a held key with a cancelled context must fail")
-	}
-	k.Unlock("a")
-	k.Unlock("b")
-	if err := k.Lock(ctx, "a"); err != nil {
-		t.Fatal(err)
-	}
-	k.Unlock("a")
-	if len(k.locks) != 0 {
-		t.Errorf("locks leaked: %v", k.locks)
-	}
-}
-
-func contextWithCancel(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithCancel(ctx)
-}
-
-type fakeResolver struct {
-	remotes.Resolver
-	mediaType string
-}
-
-func (f fakeResolver) Resolve(_ context.Context, ref string) (string, ocispec.Descriptor, error) {
-	return ref, ocispec.Descriptor{MediaType: f.mediaType, Digest: digest.Digest("sha256:" + strings.Repeat("c", 64))}, nil
-}
-
-func TestCheckedResolverRejectsNonImages(t *testing.T) {
-	t.Parallel()
-	for mt, ok := range map[string]bool{
-		ocispec.MediaTypeImageManifest:            true,
-		ocispec.MediaTypeImageIndex:               true,
-		images.MediaTypeDockerSchema2Manifest:     true,
-		images.MediaTypeDockerSchema2ManifestList: true,
-		images.MediaTypeDockerSchema1Manifest:     true, // containerd explains it
-		"text/html; charset=utf-8":                false,
-		ocispec.MediaTypeImageLayerGzip:           false,
-		"":                                        false,
-	} {
-		_, _, err := checkedResolver{fakeResolver{mediaType: mt}}.Resolve(t.Context(), "r/x:1")
-		if (err == nil) != ok {
-			t.Errorf("media type %q: err = %v, want ok=%v", mt, err, ok)
-		}
-		if err != nil && (!errors.Is(err, ErrNotAnImage) || ReasonOf(err) != ReasonInvalidRef || !strings.Contains(err.Error(), "r/x:1")) {
-			t.Errorf("media type %q: error %v should name the ref and classify as invalid_ref", mt, err)
-		}
-	}
-}
-
-func TestRedactHidesPresignedQueries(t *testing.T) {
-	t.Parallel()
-	inner := &url.Error{Op: "Get", URL: "https://prod-us-west-2-starport-layer-bucket.s3.amazonaws.com/abc/def?X-Amz-Security-Token=SESSIONSECRET&X-Amz-Signature=SIGSECRET", Err: syscall.ECONNRESET}
-	err := Redact(fmt.Errorf("failed to do request: %w", inner))
-	msg := err.Error()
-	for _, secret := range []string{"SESSIONSECRET", "SIGSECRET"} {
-		if strings.Contains(msg, secret) {
-			t.Errorf("redacted error still contains %s: %s", secret, msg)
-		}
-	}
-	if !strings.Contains(msg, "prod-us-west-2-starport-layer-bucket.s3.amazonaws.com/abc/def") || !strings.Contains(msg, "connection reset") {
-		t.Errorf("redaction lost the useful part: %s", msg)
-	}
-	var ue *url.Error
-	if !errors.As(err, &ue) || !errors.Is(err, syscall.ECONNRESET) {
-		t.Errorf("redacted error no longer unwraps: %v", err)
-	}
-	if got := Redact(errors.New("plain http://127.0.0.1:5000/v2/x/manifests/1: 404")).Error(); got != "plain http://127.0.0.1:5000/v2/x/manifests/1: 404" {
-		t.Errorf("a URL without credentials changed: %s", got)
 	}
 }

@@ -6,10 +6,9 @@ import (
 	"strings"
 
 	"github.com/containerd/platforms"
-	"github.com/distribution/reference"
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 )
 
 // Severity ranks a finding. Warnings and errors fail `prepull lint --strict`.
@@ -70,7 +69,7 @@ func Failing(fs []Finding) bool {
 //
 // With no workloads it checks the manifest alone: entries whose default
 // policy would be Always. Findings come in input order, the manifest's last.
-func Lint(m *agent.Manifest, cs []Container) []Finding {
+func Lint(m *manifest.List, cs []Container) []Finding {
 	var out []Finding
 	if len(cs) == 0 {
 		for _, img := range m.Images {
@@ -86,7 +85,7 @@ func Lint(m *agent.Manifest, cs []Container) []Finding {
 	used := make([]bool, len(m.Images))
 	for _, c := range cs {
 		f := Finding{Where: c.Where(), Object: c.Object(), Container: c.Label(), Image: c.Image}
-		ref, _, err := agent.NormalizeRef(strings.TrimSpace(c.Image))
+		ref, _, err := manifest.NormalizeRef(strings.TrimSpace(c.Image))
 		if err != nil {
 			f.Severity, f.Message = Error, err.Error()
 			out = append(out, f)
@@ -140,11 +139,11 @@ func Lint(m *agent.Manifest, cs []Container) []Finding {
 // createsRecord reports whether pulling the manifest entry creates the image
 // record kubelet looks up for ref. It mirrors the agent: records for the
 // entry's normalized reference (tag or digest), for the digest it pulls, and
-// for the tag a "repo:tag@digest" entry keeps (agent.Image.Tag). A workload
+// for the tag a "repo:tag@digest" entry keeps (manifest.Image.Tag). A workload
 // digest is matched by a tag entry only if the tag still points to it at
 // pull time, which lint cannot know offline: that case is reported by
 // missingMessage.
-func createsRecord(img agent.Image, ref string) bool {
+func createsRecord(img manifest.Image, ref string) bool {
 	if img.Ref == ref {
 		return true
 	}
@@ -196,9 +195,9 @@ func alwaysMessage(ref string, defaulted, covered bool) string {
 // missingMessage explains a reference the manifest creates no record for,
 // naming a manifest entry of the same repository when there is one: then the
 // tag/digest mismatch is the likely cause.
-func missingMessage(m *agent.Manifest, ref string) string {
+func missingMessage(m *manifest.List, ref string) string {
 	repo, tag, dgst := splitRef(ref)
-	var sameRepo []agent.Image
+	var sameRepo []manifest.Image
 	for _, img := range m.Images {
 		if r, _, _ := splitRef(img.Ref); r == repo {
 			sameRepo = append(sameRepo, img)
@@ -221,19 +220,12 @@ func missingMessage(m *agent.Manifest, ref string) string {
 	}
 }
 
-// splitRef cuts a reference into repository, tag and digest; a reference
-// as written may have both a tag and a digest.
+// splitRef is manifest.Split for references that already normalized; an
+// unparsable one is its own repository.
 func splitRef(ref string) (repo, tag, dgst string) {
-	named, err := reference.ParseNormalizedNamed(ref)
+	repo, tag, dgst, err := manifest.Split(ref)
 	if err != nil {
 		return ref, "", ""
-	}
-	repo = named.Name()
-	if t, ok := named.(reference.Tagged); ok {
-		tag = t.Tag()
-	}
-	if d, ok := named.(reference.Digested); ok {
-		dgst = d.Digest().String()
 	}
 	return repo, tag, dgst
 }

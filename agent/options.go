@@ -1,0 +1,117 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/prepull/prepull/registry"
+)
+
+// Option configures an Agent (New) or is checked by Validate.
+type Option func(*settings)
+
+// settings are what the options set; the zero value of a field means its
+// default.
+type settings struct {
+	namespace      string
+	snapshotter    string
+	hostsDir       string
+	registryOpts   []registry.ResolverOption
+	concurrency    int
+	maxDownloads   int
+	layerChunkSize int
+	downloadLimit  int
+	unpackLimit    int
+	discardLayers  *bool
+	observer       Observer
+	imageTimeout   time.Duration
+	order          string
+}
+
+// WithNamespace sets containerd's namespace (default k8s.io, the CRI's).
+func WithNamespace(ns string) Option { return func(s *settings) { s.namespace = ns } }
+
+// WithSnapshotter sets the snapshotter images are unpacked into: "auto"
+// (default: what the CRI plugin uses) or a snapshotter's name.
+func WithSnapshotter(name string) Option { return func(s *settings) { s.snapshotter = name } }
+
+// WithRegistry sets the registry host configuration directory (certs.d
+// layout, the one the CRI plugin reads) and the resolver's options:
+// credentials and the transport wrapper.
+func WithRegistry(hostsDir string, opts ...registry.ResolverOption) Option {
+	return func(s *settings) { s.hostsDir, s.registryOpts = hostsDir, opts }
+}
+
+// WithConcurrency bounds how many images are pulled at once (default 4).
+func WithConcurrency(n int) Option { return func(s *settings) { s.concurrency = n } }
+
+// WithMaxDownloads bounds layer downloads per image, and the parallel
+// ranged requests per layer with WithLayerChunkSize (default 3).
+func WithMaxDownloads(n int) Option { return func(s *settings) { s.maxDownloads = n } }
+
+// WithLayerChunkSize, n ≥ 512, fetches large layers as parallel ranged
+// requests of n bytes (containerd's ConcurrentLayerFetchBuffer); 0 is off.
+func WithLayerChunkSize(n int) Option { return func(s *settings) { s.layerChunkSize = n } }
+
+// WithDownloadLimit bounds blob requests in flight across all images
+// (0: no global bound).
+func WithDownloadLimit(n int) Option { return func(s *settings) { s.downloadLimit = n } }
+
+// WithUnpackLimit bounds layer applies in flight across all images
+// (0: no global bound).
+func WithUnpackLimit(n int) Option { return func(s *settings) { s.unpackLimit = n } }
+
+// WithDiscardLayers lets containerd's GC drop layer blobs once unpacked,
+// like the CRI's discard_unpacked_layers. Without it the agent follows the
+// CRI's setting where the CRI reports it.
+func WithDiscardLayers(discard bool) Option {
+	return func(s *settings) { s.discardLayers = &discard }
+}
+
+// WithObserver receives every image's pull outcome.
+func WithObserver(o Observer) Option { return func(s *settings) { s.observer = o } }
+
+// WithImageTimeout bounds one image's pull, retries included (0: none).
+func WithImageTimeout(d time.Duration) Option { return func(s *settings) { s.imageTimeout = d } }
+
+// WithOrder sets the order images start in: OrderManifest (default) or
+// OrderSize (biggest first).
+func WithOrder(order string) Option { return func(s *settings) { s.order = order } }
+
+// Validate checks options without building an Agent, so a command can
+// reject bad settings before its first side effect.
+func Validate(opts ...Option) error {
+	_, err := newSettings(opts)
+	return err
+}
+
+func newSettings(opts []Option) (settings, error) {
+	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest}
+	for _, o := range opts {
+		o(&s)
+	}
+	var errs []error
+	if s.namespace == "" {
+		errs = append(errs, errors.New("namespace must not be empty"))
+	}
+	if s.snapshotter == "" {
+		errs = append(errs, errors.New(`snapshotter must be "auto" or a name`))
+	}
+	if s.concurrency <= 0 {
+		errs = append(errs, fmt.Errorf("concurrency must be positive, got %d", s.concurrency))
+	}
+	if s.maxDownloads <= 0 {
+		errs = append(errs, fmt.Errorf("max downloads must be positive, got %d", s.maxDownloads))
+	}
+	if s.layerChunkSize < 0 || s.downloadLimit < 0 || s.unpackLimit < 0 {
+		errs = append(errs, errors.New("layer chunk size, download limit and unpack limit must not be negative"))
+	}
+	if s.imageTimeout < 0 {
+		errs = append(errs, errors.New("image timeout must not be negative"))
+	}
+	if s.order != OrderManifest && s.order != OrderSize {
+		errs = append(errs, fmt.Errorf("order %q: want %s or %s", s.order, OrderManifest, OrderSize))
+	}
+	return s, errors.Join(errs...)
+}
