@@ -151,9 +151,9 @@ func (a *Agent) ctx(ctx context.Context) context.Context {
 	return namespaces.WithNamespace(ctx, a.opts.namespace)
 }
 
-// Pull pulls every image, at most Concurrency at once, and returns one Result
+// Pull pulls every image, at most WithConcurrency at once, and returns one Result
 // per image in manifest order. A failing image does not stop the others.
-func (a *Agent) Pull(ctx context.Context, imgs []manifest.Image) ([]Result, error) {
+func (a *Agent) Pull(ctx context.Context, imgs []manifest.Image) []Result {
 	ctx = a.ctx(ctx)
 	sn := a.Snapshotter(ctx)
 	results := make([]Result, len(imgs))
@@ -177,7 +177,7 @@ func (a *Agent) Pull(ctx context.Context, imgs []manifest.Image) ([]Result, erro
 	}
 	wg.Wait()
 	a.sync(results)
-	return results, nil
+	return results
 }
 
 // sync flushes containerd's image file system once after the pulls, so

@@ -87,10 +87,7 @@ func push(t *testing.T, repoTag string, seed uint64) (ref, digest string) {
 
 func pullOK(t *testing.T, a *Agent, imgs ...manifest.Image) []Result {
 	t.Helper()
-	rs, err := a.Pull(t.Context(), imgs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rs := a.Pull(t.Context(), imgs)
 	if err := Failures(rs); err != nil {
 		t.Fatal(err)
 	}
@@ -145,10 +142,7 @@ func TestFailedPullLeavesNoRecord(t *testing.T) {
 	a, client := newTestAgent(t)
 	good, _ := push(t, "agent/good:1", 3)
 	missing := env.Ref("agent/missing:1")
-	rs, err := a.Pull(t.Context(), []manifest.Image{{Ref: missing, Pin: true}, {Ref: good, Pin: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	rs := a.Pull(t.Context(), []manifest.Image{{Ref: missing, Pin: true}, {Ref: good, Pin: true}})
 	if rs[0].Err == nil || rs[0].Reason != ReasonNotFound || !strings.Contains(rs[0].Err.Error(), missing) {
 		t.Errorf("missing image: err %v reason %q, want a not_found error naming %s", rs[0].Err, rs[0].Reason, missing)
 	}

@@ -109,11 +109,7 @@ spec:
 			if err != nil {
 				t.Fatalf("ParseManifest:\n%v\n%s", err, data)
 			}
-			rs, err := a.Pull(ctx, pm.Images)
-			if err != nil {
-				t.Fatalf("Pull: %v", err)
-			}
-			if err := agent.Failures(rs); err != nil {
+			if err := agent.Failures(a.Pull(ctx, pm.Images)); err != nil {
 				t.Fatalf("Pull: %v", err)
 			}
 

@@ -153,15 +153,8 @@ func (r *runner) close() { r.client.Close() }
 func (r *runner) pull(ctx context.Context, imgs []manifest.Image, status func(string)) ([]agent.Result, time.Duration) {
 	start := time.Now()
 	stop := startProgress(ctx, r.g, r.agent, len(imgs), r.finished, status)
-	results, err := r.agent.Pull(ctx, imgs)
+	results := r.agent.Pull(ctx, imgs)
 	stop()
-	if err != nil {
-		// Pull fails as a whole only before starting (snapshotter unknown).
-		results = make([]agent.Result, len(imgs))
-		for i, img := range imgs {
-			results[i] = agent.Result{Image: img, Err: fmt.Errorf("pull %s: %w", img.Ref, err), Reason: agent.ReasonOf(err)}
-		}
-	}
 	return results, time.Since(start)
 }
 

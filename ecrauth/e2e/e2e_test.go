@@ -199,11 +199,7 @@ func (f *fixture) pull(t *testing.T, refs []string) []agent.Result {
 	for i, r := range refs {
 		imgs[i] = manifest.Image{Ref: r, Written: r, Pin: true, Warm: false}
 	}
-	rs, err := f.ag.Pull(t.Context(), imgs)
-	if err != nil {
-		t.Fatalf("Pull: %v", err)
-	}
-	return rs
+	return f.ag.Pull(t.Context(), imgs)
 }
 
 func requireAllReady(t *testing.T, rs []agent.Result) {
