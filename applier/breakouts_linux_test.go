@@ -23,7 +23,6 @@ import (
 	"github.com/containerd/continuity/fs/fstest"
 )
 
-
 type breakoutTest struct {
 	name      string
 	w         tartest.WriterToTar

@@ -85,4 +85,3 @@ func checkCaps(status string) error {
 	}
 	return unsupported(ReasonHost, "no CapEff in %s", status)
 }
-

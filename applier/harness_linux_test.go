@@ -81,7 +81,7 @@ func devE(typ byte, name string, major, minor int64, opts ...entOpt) ent {
 	return e
 }
 func whE(dir, name string) ent { return fileE(filepath.Join(dir, ".wh."+name), "", 0o644) }
-func opqE(dir string) ent     { return fileE(filepath.Join(dir, ".wh..wh..opq"), "", 0o644) }
+func opqE(dir string) ent      { return fileE(filepath.Join(dir, ".wh..wh..opq"), "", 0o644) }
 
 func owner(uid, gid int) entOpt { return func(e *ent) { e.h.Uid, e.h.Gid = uid, gid } }
 func xattr(k, v string) entOpt {
@@ -361,7 +361,7 @@ const (
 type diffCase struct {
 	name   string
 	layer  []byte
-	lowers [][]byte       // tars applied with archive.Apply into lowerdirs, bottom first
+	lowers [][]byte   // tars applied with archive.Apply into lowerdirs, bottom first
 	lower  preContent // pre-content of the top lowerdir (containerd's breakout table)
 	comp   compKind
 	gz     Decompressor

@@ -207,7 +207,7 @@ func (a *Applier) startPipeline(ctx context.Context, blob io.Reader, desc ocispe
 	}
 
 	var (
-		src     io.Reader // decompressed bytes
+		src     io.Reader    // decompressed bytes
 		finish  func() error // after the decompressed end: the blob's end, the child's exit
 		abort   = func() {}  // when the stages stop early
 		useIgz  = kind == compression.Gzip && a.gzip == DecompressorIgzip && a.igzipPath != ""
