@@ -28,6 +28,10 @@ type Applier struct {
 	contentDir string
 	gzip       Decompressor
 	igzipPath  string
+
+	// entryHook, set only by tests, runs before each entry is applied: a way to meet an entry
+	// the applier cannot handle in the middle of a layer that containerd can apply.
+	entryHook func(*tar.Header) error
 }
 
 var _ diff.Applier = (*Applier)(nil)
@@ -114,6 +118,7 @@ func (a *Applier) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []m
 
 	log := a.log.With(zap.Stringer("digest", desc.Digest))
 	x := newExtractor(log, t.root, overlay, t.lowers)
+	x.hook = a.entryHook
 	err = x.apply(ctx, tar.NewReader(p))
 	x.close()
 	if err == nil {

@@ -51,7 +51,8 @@ type extractor struct {
 	dirTimes   []dirTime
 	rootOpaque bool // this Apply set trusted.overlay.opaque on the root itself
 
-	buf []byte
+	buf  []byte
+	hook func(*tar.Header) error // tests only
 }
 
 type lowerDir struct {
@@ -100,6 +101,11 @@ func (x *extractor) apply(ctx context.Context, tr *tar.Reader) error {
 			return err
 		}
 		hdr.Name = filepath.Clean(hdr.Name)
+		if x.hook != nil {
+			if err := x.hook(hdr); err != nil {
+				return err
+			}
+		}
 		if err := x.entry(hdr, tr); err != nil {
 			return err
 		}
