@@ -3,14 +3,18 @@ package applier
 import (
 	"archive/tar"
 	"bytes"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/pkg/archive/tartest"
 	"github.com/containerd/continuity/fs/fstest"
+	"github.com/klauspost/compress/gzip"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // A valid VFS capability (v2) granting CAP_NET_BIND_SERVICE: chown clears it, so an applier
@@ -263,4 +267,67 @@ func TestDifferentialBreakouts(t *testing.T) {
 	}
 	_ = fstest.Apply
 	_ = filepath.Join
+}
+
+// TestDifferentialTwoGiBFile applies a layer holding a 2 GiB file of zeros (a few MiB of gzip)
+// with both appliers: sizes past 32 bits, 1 MiB writes end to end, and the file written dense as
+// containerd writes it. It costs about 8 GiB of disk writes and reads, so -short skips it; CI
+// does not pass -short.
+func TestDifferentialTwoGiBFile(t *testing.T) {
+	requireRoot(t)
+	if testing.Short() {
+		t.Skip("writes 2 x 2 GiB; runs without -short (CI)")
+	}
+	const big = 2 << 30
+	c := diffCase{name: "2GiB", blob: func(t testing.TB, s *store) ocispec.Descriptor {
+		w, err := content.OpenWriter(t.(*testing.T).Context(), s, content.WithRef("two-gib"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		cw := &countingWriter{w: w}
+		zw, _ := gzip.NewWriterLevel(cw, gzip.BestSpeed)
+		tw := tar.NewWriter(zw)
+		hdrs := []ent{dirE("big", 0o755), fileE("big/before", "b", 0o644)}
+		for _, e := range hdrs {
+			h := e.h
+			tw.WriteHeader(&h)
+			tw.Write(e.body)
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "big/zeros", Mode: 0o600, Size: big, ModTime: baseTime, Format: tar.FormatPAX}); err != nil {
+			t.Fatal(err)
+		}
+		zeros := make([]byte, 1<<20)
+		for n := 0; n < big; n += len(zeros) {
+			if _, err := tw.Write(zeros); err != nil {
+				t.Fatal(err)
+			}
+		}
+		h := fileE("big/after", "a", 0o644).h
+		tw.WriteHeader(&h)
+		tw.Write([]byte("a"))
+		if err := tw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := zw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		dg := w.Digest()
+		if err := w.Commit(t.(*testing.T).Context(), cw.n, dg); err != nil {
+			t.Fatal(err)
+		}
+		return ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: dg, Size: cw.n}
+	}}
+	runDiff(t, c, modeBind)
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n += int64(n)
+	return n, err
 }

@@ -367,6 +367,9 @@ type diffCase struct {
 	gz     Decompressor
 	// validate runs on prepull's tree when both succeed.
 	validate func(root string) error
+	// blob, when set, writes the layer into the store itself (layers too big to hold in
+	// memory) instead of layer and comp.
+	blob func(t testing.TB, s *store) ocispec.Descriptor
 }
 
 type preContent interface{ Apply(string) error }
@@ -417,8 +420,13 @@ func runDiff(t *testing.T, c diffCase, m mode) {
 		comp = compGzip
 	}
 	s := newStore(t)
-	blob, mt := compress(t, c.layer, comp)
-	desc := s.add(t, blob, mt)
+	var desc ocispec.Descriptor
+	if c.blob != nil {
+		desc = c.blob(t, s)
+	} else {
+		blob, mt := compress(t, c.layer, comp)
+		desc = s.add(t, blob, mt)
+	}
 
 	mountsFor := func(side string) ([]mount.Mount, string) {
 		dir := filepath.Join(base, side)
