@@ -12,11 +12,13 @@ import (
 	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
+	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prepull/prepull/manifest"
 	"github.com/prepull/prepull/registry"
@@ -57,6 +59,9 @@ type Agent struct {
 	// inflight tracks pulls in progress, for progress reporting.
 	inflightMu sync.Mutex
 	inflight   map[string]*pullState
+
+	// pulls holds the clients pulls go through (the applier's diff service).
+	pulls pullClients
 
 	snapMu      sync.Mutex
 	snapshotter string // "" until detected
@@ -277,7 +282,12 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 		containerd.WithMaxConcurrentDownloads(a.opts.maxDownloads),
 		containerd.WithImageHandlerWrapper(st.countLayers),
 	}
-	unpackOpts := []containerd.UnpackOpt{containerd.WithUnpackDuplicationSuppressor(a.locker)}
+	unpackOpts := []containerd.UnpackOpt{
+		containerd.WithUnpackDuplicationSuppressor(a.locker),
+		// Bytes applied per layer, for progress (prepull's applier reports
+		// them; containerd's diff service over gRPC does not).
+		containerd.WithUnpackApplyOpts(diff.WithProgress(st.applied)),
+	}
 	if a.unpacks != nil {
 		unpackOpts = append(unpackOpts, containerd.WithUnpackLimiter(a.unpacks))
 	}
@@ -303,7 +313,7 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 	} else {
 		before[img.Ref] = nil
 	}
-	image, err := a.client.Pull(ctx, img.Ref, opts...)
+	image, err := a.pullClient(ctx, snapshotter).Pull(ctx, img.Ref, opts...)
 	if err != nil {
 		return explainPullError(err, img)
 	}
@@ -320,6 +330,34 @@ type pullState struct {
 	started time.Time
 	fetched atomic.Int64 // bytes received from registries
 	total   atomic.Int64 // compressed size of the platform manifest's layers
+
+	mu      sync.Mutex
+	layers  map[digest.Digest]int64 // compressed bytes applied so far, per layer
+	unpacks bool                    // a layer apply has started
+}
+
+// applied records a layer's apply progress (diff.WithProgress): the
+// compressed bytes of desc processed so far.
+func (st *pullState) applied(desc ocispec.Descriptor, n int64) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.layers == nil {
+		st.layers = map[digest.Digest]int64{}
+	}
+	st.layers[desc.Digest] = n
+	st.unpacks = true
+}
+
+// appliedBytes is the compressed bytes applied over all layers, and
+// whether any apply started.
+func (st *pullState) appliedBytes() (int64, bool) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var n int64
+	for _, v := range st.layers {
+		n += v
+	}
+	return n, st.unpacks
 }
 
 // countLayers adds up the layer sizes of the manifests the pull walks, so
@@ -338,10 +376,22 @@ func (st *pullState) countLayers(h images.Handler) images.Handler {
 	})
 }
 
+// Phases of a pull in flight.
+const (
+	PhaseFetching  = "fetching"
+	PhaseUnpacking = "unpacking"
+)
+
 // Progress is the state of one pull in flight.
 type Progress struct {
-	Ref     string
+	Ref string
+	// Phase is PhaseFetching until a layer apply starts (or everything is
+	// fetched), then PhaseUnpacking.
+	Phase   string
 	Fetched int64
+	// Applied is the compressed bytes applied so far; prepull's applier
+	// reports it, containerd's does not (it stays 0 there).
+	Applied int64
 	Total   int64
 	Started time.Time
 }
@@ -351,7 +401,13 @@ func (a *Agent) InFlight() []Progress {
 	a.inflightMu.Lock()
 	out := make([]Progress, 0, len(a.inflight))
 	for _, st := range a.inflight {
-		out = append(out, Progress{Ref: st.ref, Fetched: st.fetched.Load(), Total: st.total.Load(), Started: st.started})
+		p := Progress{Ref: st.ref, Phase: PhaseFetching, Fetched: st.fetched.Load(), Total: st.total.Load(), Started: st.started}
+		var unpacking bool
+		p.Applied, unpacking = st.appliedBytes()
+		if unpacking || (p.Total > 0 && p.Fetched >= p.Total) {
+			p.Phase = PhaseUnpacking
+		}
+		out = append(out, p)
 	}
 	a.inflightMu.Unlock()
 	sort.Slice(out, func(i, j int) bool { return out[i].Ref < out[j].Ref })

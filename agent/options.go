@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/prepull/prepull/applier"
 	"github.com/prepull/prepull/registry"
 )
 
@@ -27,6 +28,8 @@ type settings struct {
 	observer       Observer
 	imageTimeout   time.Duration
 	order          string
+	applier        string
+	layerObserver  applier.Observer
 }
 
 // WithNamespace sets containerd's namespace (default k8s.io, the CRI's).
@@ -79,6 +82,16 @@ func WithImageTimeout(d time.Duration) Option { return func(s *settings) { s.ima
 // OrderSize (biggest first).
 func WithOrder(order string) Option { return func(s *settings) { s.order = order } }
 
+// WithApplier chooses who applies layers: ApplierAuto (the default),
+// ApplierPrepull or ApplierContainerd.
+func WithApplier(mode string) Option { return func(s *settings) { s.applier = mode } }
+
+// WithLayerObserver is told about every layer applied: by which applier,
+// how long, and why prepull's fell back to containerd's.
+func WithLayerObserver(o applier.Observer) Option {
+	return func(s *settings) { s.layerObserver = o }
+}
+
 // Validate checks options without building an Agent, so a command can
 // reject bad settings before its first side effect.
 func Validate(opts ...Option) error {
@@ -87,7 +100,7 @@ func Validate(opts ...Option) error {
 }
 
 func newSettings(opts []Option) (settings, error) {
-	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest}
+	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest, applier: ApplierAuto}
 	for _, o := range opts {
 		o(&s)
 	}
@@ -112,6 +125,11 @@ func newSettings(opts []Option) (settings, error) {
 	}
 	if s.order != OrderManifest && s.order != OrderSize {
 		errs = append(errs, fmt.Errorf("order %q: want %s or %s", s.order, OrderManifest, OrderSize))
+	}
+	switch s.applier {
+	case ApplierAuto, ApplierPrepull, ApplierContainerd:
+	default:
+		errs = append(errs, fmt.Errorf("applier %q: want %s, %s or %s", s.applier, ApplierAuto, ApplierPrepull, ApplierContainerd))
 	}
 	return s, errors.Join(errs...)
 }

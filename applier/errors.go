@@ -61,3 +61,8 @@ func ReasonOf(err error) Reason {
 	}
 	return ""
 }
+
+// Reasons lists every Reason, for metrics that name them.
+func Reasons() []Reason {
+	return []Reason{ReasonMount, ReasonOption, ReasonMediaType, ReasonTarget, ReasonEntry, ReasonHost}
+}

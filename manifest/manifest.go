@@ -40,6 +40,7 @@ type Image struct {
 type Settings struct {
 	Concurrency   *int
 	Snapshotter   *string
+	Applier       *string
 	Timeout       *time.Duration
 	WarmMode      *string
 	WarmWorkers   *int

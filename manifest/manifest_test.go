@@ -25,6 +25,7 @@ settings:
   warm_mode: fadvise
   timeout: 30m
   warm_block_size: 2MiB
+  applier: containerd
 `))
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +46,7 @@ settings:
 			t.Errorf("image %d = %+v, want %+v", i, g, w)
 		}
 	}
-	if *m.Settings.Concurrency != 8 || *m.Settings.WarmMode != "fadvise" || *m.Settings.Timeout != 30*time.Minute || *m.Settings.WarmBlockSize != 2<<20 {
+	if *m.Settings.Concurrency != 8 || *m.Settings.WarmMode != "fadvise" || *m.Settings.Timeout != 30*time.Minute || *m.Settings.WarmBlockSize != 2<<20 || *m.Settings.Applier != "containerd" {
 		t.Errorf("settings = %+v", m.Settings)
 	}
 	if len(m.Warnings) != 0 {
@@ -92,6 +93,7 @@ func TestParseManifestErrors(t *testing.T) {
 		{"relative priority", "m.yaml", "images:\n  - ref: nginx:1\n    warm:\n      priority: [bin/sh]\n", []string{"m.yaml:4: warm.priority: \"bin/sh\" is not an absolute path"}},
 		{"duplicate key", "m.yaml", "images:\n  - ref: nginx:1\n    pin: true\n    pin: false\n", []string{"m.yaml:4: duplicate key \"pin\" (first at line 3)"}},
 		{"syntax", "m.yaml", "images:\n  - ref: nginx:1\n   - ref: x\n", []string{"m.yaml:3:"}},
+		{"bad applier and warm mode", "m.yaml", "images: [nginx:1]\nsettings:\n  applier: fastest\n  warm_mode: fio\n", []string{"m.yaml:3: applier: \"fastest\" is not auto, prepull or containerd", "m.yaml:4: warm_mode: \"fio\" is not auto, extents, read or fadvise"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

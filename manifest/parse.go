@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -233,11 +234,19 @@ func (p *parser) parseSettings(v *yaml.Node) {
 			}
 		case "warm-mode":
 			if p.scalar(val, k.Value) {
-				if val.Value != "read" && val.Value != "fadvise" {
-					p.errorf(val.Line, "%s: %q is not read or fadvise", k.Value, val.Value)
+				if !slices.Contains([]string{"auto", "extents", "read", "fadvise"}, val.Value) {
+					p.errorf(val.Line, "%s: %q is not auto, extents, read or fadvise", k.Value, val.Value)
 					return
 				}
 				s.WarmMode = &val.Value
+			}
+		case "applier":
+			if p.scalar(val, k.Value) {
+				if !slices.Contains([]string{"auto", "prepull", "containerd"}, val.Value) {
+					p.errorf(val.Line, "%s: %q is not auto, prepull or containerd", k.Value, val.Value)
+					return
+				}
+				s.Applier = &val.Value
 			}
 		case "timeout":
 			s.Timeout = p.duration(val, k.Value)
@@ -250,7 +259,7 @@ func (p *parser) parseSettings(v *yaml.Node) {
 		case "warm-budget":
 			s.WarmBudget = p.size(val, k.Value)
 		default:
-			p.errorf(k.Line, "unknown setting %q (want concurrency, snapshotter, timeout, interval, warm_mode, warm_workers, warm_block_size, warm_rate, warm_budget)", k.Value)
+			p.errorf(k.Line, "unknown setting %q (want concurrency, snapshotter, applier, timeout, interval, warm_mode, warm_workers, warm_block_size, warm_rate, warm_budget)", k.Value)
 		}
 	})
 }

@@ -6,6 +6,7 @@
 package metrics
 
 import (
+	"context"
 	"strings"
 	"sync"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/applier"
 	"github.com/prepull/prepull/ecrauth"
 	"github.com/prepull/prepull/warmup"
 )
@@ -29,6 +31,11 @@ type Set struct {
 	warmDuration prometheus.Histogram
 	warmBytes    prometheus.Counter
 	warmFiles    *prometheus.CounterVec
+
+	layers        *prometheus.CounterVec
+	layerSeconds  *prometheus.HistogramVec
+	layerBytes    *prometheus.HistogramVec
+	layerFallback *prometheus.CounterVec
 
 	images      *prometheus.GaugeVec
 	tokens      *prometheus.CounterVec
@@ -87,6 +94,24 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 			Name: "prepull_warmup_files_total",
 			Help: "Snapshot entries seen by the warm-up, by result: " + warmResultList() + ".",
 		}, []string{"result"}),
+		layers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_layers_applied_total",
+			Help: "Layers applied, by applier (prepull, containerd) and result (success, failure).",
+		}, []string{"applier", "result"}),
+		layerSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "prepull_layer_apply_duration_seconds",
+			Help:    "Time to apply one layer (decompress and extract), by applier.",
+			Buckets: []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320},
+		}, []string{"applier"}),
+		layerBytes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "prepull_layer_apply_bytes",
+			Help:    "Compressed size of each applied layer, by applier.",
+			Buckets: prometheus.ExponentialBuckets(64<<10, 4, 10), // 64 KiB … 16 GiB
+		}, []string{"applier"}),
+		layerFallback: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_applier_fallbacks_total",
+			Help: "Layers applied by containerd's applier instead of prepull's, by reason: " + fallbackReasonList() + ".",
+		}, []string{"reason"}),
 		images: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "prepull_images",
 			Help: "Manifest images by state after the last run or reconcile: ready, missing, failed, unpinned.",
@@ -128,6 +153,14 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 			Help: "Always 1; labels say which prepull, Go, containerd and snapshotter.",
 		}, []string{"version", "go_version", "containerd_version", "snapshotter"}),
 		perImage: perImage,
+	}
+	reg.MustRegister(m.layers, m.layerSeconds, m.layerBytes, m.layerFallback)
+	for _, a := range []string{applier.NamePrepull, applier.NameContainerd} {
+		m.layerSeconds.WithLabelValues(a)
+		m.layerBytes.WithLabelValues(a)
+		for _, r := range []string{"success", "failure"} {
+			m.layers.WithLabelValues(a, r)
+		}
 	}
 	reg.MustRegister(m.pullDuration, m.pulls, m.pullBytes, m.pullThroughput,
 		m.warmDuration, m.warmBytes, m.warmFiles, m.images, m.tokens, m.tokenHits, m.tokenReject, m.retries, m.reloads,
@@ -171,6 +204,31 @@ func warmResultList() string {
 	return strings.Join(names, ", ")
 }
 
+// fallbackReasonList is the bounded fallback reasons for the help text.
+func fallbackReasonList() string {
+	var names []string
+	for _, r := range applier.Reasons() {
+		names = append(names, string(r))
+	}
+	return strings.Join(append(names, agent.FallbackConfigured), ", ")
+}
+
+// LayerApplied implements applier.Observer.
+func (m *Set) LayerApplied(_ context.Context, l applier.Layer) {
+	result := "success"
+	if l.Err != nil {
+		result = "failure"
+	}
+	m.layers.WithLabelValues(l.Applier, result).Inc()
+	if l.Err == nil {
+		m.layerSeconds.WithLabelValues(l.Applier).Observe(l.Seconds)
+		m.layerBytes.WithLabelValues(l.Applier).Observe(float64(l.Bytes))
+	}
+	if l.Fallback != "" {
+		m.layerFallback.WithLabelValues(string(l.Fallback)).Inc()
+	}
+}
+
 // PullFinished implements agent.Observer.
 func (m *Set) PullFinished(r agent.Result) {
 	result, reason := "success", ReasonNone
@@ -193,6 +251,7 @@ func (m *Set) PullFinished(r agent.Result) {
 
 var (
 	_ agent.Observer   = (*Set)(nil)
+	_ applier.Observer = (*Set)(nil)
 	_ warmup.Observer  = (*Set)(nil)
 	_ ecrauth.Observer = (*Set)(nil)
 )

@@ -391,3 +391,55 @@ func smallFiles(prefix string, n int, seed uint64) func(*tarWriter) error {
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// pyTree returns a generator of a Python/ML-style tree: n files averaging
+// about 20 KiB (most a few KiB of source or bytecode, a few shared objects
+// of up to 2 MiB), the ~120k-file, ~2.3 GB layer that makes the applier's
+// per-entry cost the wall.
+func pyTree(prefix string, n int, seed uint64) func(*tarWriter) error {
+	return func(t *tarWriter) error {
+		c := newContent(seed)
+		for i := 0; i < n; i++ {
+			var size int
+			large := false
+			switch p := c.r.IntN(1000); {
+			case p < 900:
+				size = 256 + c.r.IntN(16<<10)
+			case p < 995:
+				size = 16<<10 + c.r.IntN(112<<10)
+			default:
+				size, large = 128<<10+c.r.IntN(1920<<10), true
+			}
+			data, ext := c.fill(size, large)
+			name := fmt.Sprintf("%s/site-packages/pkg%03d/sub%02d/m%06d%s", prefix, i/600, (i/30)%20, i, ext)
+			if err := t.file(name, data, 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+// oneBigFile returns a generator of a layer holding one file of size bytes
+// (model weights: binary-like, written in 1 MiB chunks).
+func oneBigFile(name string, size int64, seed uint64) func(*tarWriter) error {
+	return func(t *tarWriter) error {
+		c := newContent(seed)
+		if err := t.dir(filepath.Dir(name)); err != nil {
+			return err
+		}
+		t.entries++
+		if err := t.tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Typeflag: tar.TypeReg, Size: size, ModTime: mtime, Format: tar.FormatPAX}); err != nil {
+			return err
+		}
+		for left := size; left > 0; {
+			n := min(left, 1<<20)
+			c.buf = c.buf[:0]
+			if _, err := t.tw.Write(c.binary(c.buf, int(n))); err != nil {
+				return err
+			}
+			left -= n
+		}
+		return nil
+	}
+}

@@ -40,10 +40,14 @@ func (s *imageSet) RepoTags() []string {
 type sizes struct {
 	BigRaw, BaseRaw, ZstdRaw int64
 	SmallFiles               int
+	// PyFiles and HugeFile make the heavy images: a ~120k-file Python/ML
+	// layer and a layer with one 2 GiB file (0 leaves each out).
+	PyFiles  int
+	HugeFile int64
 }
 
 func defaultSizes() sizes {
-	return sizes{BigRaw: 1100 << 20, BaseRaw: 380 << 20, ZstdRaw: 260 << 20, SmallFiles: 40000}
+	return sizes{BigRaw: 1100 << 20, BaseRaw: 380 << 20, ZstdRaw: 260 << 20, SmallFiles: 40000, PyFiles: 120000, HugeFile: 2 << 30}
 }
 
 // buildSet generates (or loads from cacheDir) every layer of the bench set.
@@ -60,6 +64,12 @@ func buildSet(ctx context.Context, cacheDir string, sz sizes) (*imageSet, error)
 	for i := 1; i <= 5; i++ {
 		n := fmt.Sprintf("svc%d", i)
 		specs[n] = layerSpec{Name: n, Files: treeFiles("srv/"+n, int64(4+2*i)<<20, uint64(10+i))}
+	}
+	if sz.PyFiles > 0 {
+		specs["py"] = layerSpec{Name: "py", Files: pyTree("usr/lib/python3", sz.PyFiles, 20)}
+	}
+	if sz.HugeFile > 0 {
+		specs["huge"] = layerSpec{Name: "huge", Files: oneBigFile("models/weights.bin", sz.HugeFile, 21)}
 	}
 	built := map[string]*cachedLayer{}
 	keys := make([]string, 0, len(specs))
@@ -84,6 +94,12 @@ func buildSet(ctx context.Context, cacheDir string, sz sizes) (*imageSet, error)
 	for i := 1; i <= 5; i++ {
 		n := fmt.Sprintf("svc%d", i)
 		s.Images = append(s.Images, benchImage{"bench/" + n + ":1", []*cachedLayer{built["svc-l1"], built[n]}})
+	}
+	if l := built["py"]; l != nil {
+		s.Images = append(s.Images, benchImage{"bench/python-ml:1", []*cachedLayer{l}})
+	}
+	if l := built["huge"]; l != nil {
+		s.Images = append(s.Images, benchImage{"bench/model:1", []*cachedLayer{l}})
 	}
 	if big := built["big"].meta.Size; big < 600<<20 {
 		return nil, fmt.Errorf("big layer is %.0f MiB compressed, want ≥ 600 MiB: raise BigRaw", mib(big))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prepull/prepull/agent"
@@ -55,7 +56,8 @@ func logProgress(ctx context.Context, log *zap.Logger, inFlight func() []agent.P
 		for _, p := range inflight {
 			secs := time.Since(p.Started).Seconds()
 			log.Info("pull progress",
-				zap.String("image", p.Ref), zap.Int64("bytes", p.Fetched), zap.Int64("total_bytes", p.Total),
+				zap.String("image", p.Ref), zap.String("phase", p.Phase), zap.Int64("bytes", p.Fetched),
+				zap.Int64("applied_bytes", p.Applied), zap.Int64("total_bytes", p.Total),
 				zap.Float64("mib_per_second", float64(p.Fetched)/(1<<20)/secs), zap.Float64("seconds", secs))
 		}
 		if status != nil {
@@ -76,6 +78,10 @@ func drawBars(ctx context.Context, g *globals, a *agent.Agent, total int, finish
 		mpb.AppendDecorators(decor.Elapsed(decor.ET_STYLE_GO)),
 		mpb.BarPriority(1<<30))
 	bars := map[string]*mpb.Bar{}
+	// phases holds each bar's phase for its decorator; the bar counts bytes
+	// fetched, then bytes applied once unpacking starts (prepull's applier
+	// reports them; with containerd's the bar stays full and says unpacking).
+	phases := map[string]*atomic.Value{}
 	tick := time.NewTicker(150 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -85,8 +91,12 @@ func drawBars(ctx context.Context, g *globals, a *agent.Agent, total int, finish
 			seen[pr.Ref] = true
 			b, ok := bars[pr.Ref]
 			if !ok {
+				phase := &atomic.Value{}
+				phase.Store(pr.Phase)
+				phases[pr.Ref] = phase
 				b = p.AddBar(0,
-					mpb.PrependDecorators(decor.Name(pr.Ref, decor.WCSyncSpaceR)),
+					mpb.PrependDecorators(decor.Name(pr.Ref, decor.WCSyncSpaceR),
+						decor.Any(func(decor.Statistics) string { return phase.Load().(string) }, decor.WCSyncSpaceR)),
 					mpb.AppendDecorators(
 						decor.Counters(decor.SizeB1024(0), "% .1f / % .1f", decor.WCSyncSpace),
 						decor.AverageSpeed(decor.SizeB1024(0), "% .1f", decor.WCSyncSpace),
@@ -97,12 +107,18 @@ func drawBars(ctx context.Context, g *globals, a *agent.Agent, total int, finish
 			if pr.Total > 0 {
 				b.SetTotal(pr.Total, false)
 			}
-			b.SetCurrent(pr.Fetched)
+			phases[pr.Ref].Store(pr.Phase)
+			if pr.Phase == agent.PhaseUnpacking && pr.Applied > 0 {
+				b.SetCurrent(pr.Applied)
+			} else {
+				b.SetCurrent(pr.Fetched)
+			}
 		}
 		for ref, b := range bars {
 			if !seen[ref] {
 				b.SetTotal(-1, true)
 				delete(bars, ref)
+				delete(phases, ref)
 			}
 		}
 		overall.SetCurrent(finished.n.Load())

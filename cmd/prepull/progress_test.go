@@ -24,7 +24,11 @@ func TestLogProgress(t *testing.T) {
 		start := time.Now()
 		inFlight := func() []agent.Progress {
 			elapsed := time.Since(start)
-			return []agent.Progress{{Ref: "r/a:1", Fetched: int64(elapsed/time.Second) << 20, Total: 100 << 20, Started: start}}
+			p := agent.Progress{Ref: "r/a:1", Phase: agent.PhaseFetching, Fetched: int64(elapsed/time.Second) << 20, Total: 100 << 20, Started: start}
+			if elapsed > 15*time.Second { // fetched; applying
+				p.Phase, p.Applied = agent.PhaseUnpacking, 40<<20
+			}
+			return []agent.Progress{p}
 		}
 		var statuses []string
 		ctx, cancel := context.WithCancel(t.Context())
@@ -42,18 +46,27 @@ func TestLogProgress(t *testing.T) {
 		if len(lines) != 2 {
 			t.Fatalf("want 2 progress lines in 25 s (at 10 s and 20 s), got %d:\n%s", len(lines), buf.String())
 		}
-		var first struct {
-			Msg   string  `json:"msg"`
-			Image string  `json:"image"`
-			Bytes int64   `json:"bytes"`
-			Total int64   `json:"total_bytes"`
-			MiBs  float64 `json:"mib_per_second"`
+		type line struct {
+			Msg     string  `json:"msg"`
+			Image   string  `json:"image"`
+			Phase   string  `json:"phase"`
+			Bytes   int64   `json:"bytes"`
+			Applied int64   `json:"applied_bytes"`
+			Total   int64   `json:"total_bytes"`
+			MiBs    float64 `json:"mib_per_second"`
 		}
+		var first, second line
 		if err := json.Unmarshal([]byte(lines[0]), &first); err != nil {
 			t.Fatal(err)
 		}
-		if first.Msg != "pull progress" || first.Image != "r/a:1" || first.Bytes != 10<<20 || first.Total != 100<<20 || first.MiBs != 1 {
+		if err := json.Unmarshal([]byte(lines[1]), &second); err != nil {
+			t.Fatal(err)
+		}
+		if first.Msg != "pull progress" || first.Image != "r/a:1" || first.Phase != "fetching" || first.Bytes != 10<<20 || first.Total != 100<<20 || first.MiBs != 1 {
 			t.Errorf("first line = %+v", first)
+		}
+		if second.Phase != "unpacking" || second.Applied != 40<<20 {
+			t.Errorf("second line = %+v, want the unpacking phase with the bytes applied", second)
 		}
 		if len(statuses) != 2 || statuses[0] != "pulling: 1 of 3 images in flight" {
 			t.Errorf("statuses = %q", statuses)

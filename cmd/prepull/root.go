@@ -44,6 +44,7 @@ type globals struct {
 	stallTimeout      time.Duration
 	imageTimeout      time.Duration
 	order             string
+	applier           string
 
 	metricsPerImage bool
 
@@ -104,6 +105,7 @@ environment over the manifest's settings.`,
 	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long (0: never)")
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
 	pf.StringVar(&g.order, "order", agent.OrderManifest, "start images in manifest order (manifest), or biggest first after reading every manifest (size)")
+	pf.StringVar(&g.applier, "applier", agent.ApplierAuto, "who applies layers: auto (prepull's applier where it can do exactly what containerd's would, else containerd's), prepull, containerd")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
@@ -212,6 +214,7 @@ func (f *imageFlags) load(cmd *cobra.Command, g *globals) (*manifest.List, error
 	s := m.Settings
 	setIfUnset(fs, "concurrency", s.Concurrency)
 	setIfUnset(fs, "snapshotter", s.Snapshotter)
+	setIfUnset(fs, "applier", s.Applier)
 	setIfUnset(fs, "timeout", s.Timeout)
 	setIfUnset(fs, "warm-mode", s.WarmMode)
 	setIfUnset(fs, "warm-workers", s.WarmWorkers)
@@ -265,6 +268,7 @@ func (g *globals) agentOptions() ([]agent.Option, error) {
 		agent.WithUnpackLimit(g.unpackLimit),
 		agent.WithImageTimeout(g.imageTimeout),
 		agent.WithOrder(g.order),
+		agent.WithApplier(g.applier),
 	}
 	switch g.discardLayers {
 	case "auto":
@@ -307,6 +311,7 @@ func (g *globals) newAgent(ctx context.Context, client *containerd.Client, set *
 	}
 	if set != nil {
 		obs = append(obs, set)
+		opts = append(opts, agent.WithLayerObserver(set))
 	}
 	opts = append(opts,
 		agent.WithRegistry(g.hostsDir, registry.WithCredentials(kc.Credentials(ctx)), registry.WithTransport(g.transport(kc, set))),

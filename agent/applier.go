@@ -1,0 +1,110 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/prepull/prepull/applier"
+)
+
+// Applier modes for WithApplier.
+const (
+	// ApplierAuto applies layers with prepull's applier where applier.Check
+	// says this host and snapshotter allow it to do exactly what
+	// containerd's would, else with containerd's (logged once, with why).
+	ApplierAuto = "auto"
+	// ApplierPrepull always tries prepull's applier first.
+	ApplierPrepull = "prepull"
+	// ApplierContainerd leaves every layer to containerd's diff service.
+	ApplierContainerd = "containerd"
+)
+
+// FallbackConfigured is the fallback reason of every layer when
+// WithApplier(ApplierContainerd) chose containerd's applier.
+const FallbackConfigured = "configured"
+
+// pullClients builds, once per snapshotter, the containerd client the pulls
+// go through: the agent's client with its diff service swapped for an
+// applier.Fallback (prepull's applier, containerd's where prepull's cannot
+// reproduce a layer). Every other service stays the daemon's, over the same
+// connection, so containerd's unpacker still does the snapshot keys and
+// labels, the diffID check and the commit.
+type pullClients struct {
+	mu      sync.Mutex
+	clients map[string]*containerd.Client
+}
+
+func (a *Agent) pullClient(ctx context.Context, snapshotter string) *containerd.Client {
+	if a.opts.applier == ApplierContainerd && a.opts.layerObserver == nil {
+		return a.client
+	}
+	a.pulls.mu.Lock()
+	defer a.pulls.mu.Unlock()
+	if c, ok := a.pulls.clients[snapshotter]; ok {
+		return c
+	}
+	c := a.newPullClient(ctx, snapshotter)
+	if a.pulls.clients == nil {
+		a.pulls.clients = map[string]*containerd.Client{}
+	}
+	a.pulls.clients[snapshotter] = c
+	return c
+}
+
+func (a *Agent) newPullClient(ctx context.Context, snapshotter string) *containerd.Client {
+	conn, ok := a.client.Conn().(*grpc.ClientConn)
+	if !ok {
+		a.log.Warn("applying layers with containerd's applier: the containerd client has no gRPC connection to share")
+		return a.client
+	}
+	var opts []applier.FallbackOption
+	if a.opts.layerObserver != nil {
+		opts = append(opts, applier.WithObserver(a.opts.layerObserver))
+	}
+	switch a.opts.applier {
+	case ApplierContainerd:
+		opts = append(opts, applier.WithDisabled(applier.Reason(FallbackConfigured)))
+	case ApplierAuto:
+		if err := applier.Check(snapshotter); err != nil {
+			a.log.Info("applying layers with containerd's applier", zap.String("snapshotter", snapshotter), zap.String("why", err.Error()))
+			opts = append(opts, applier.WithDisabled(applier.ReasonOf(err)))
+		} else {
+			a.log.Info("applying layers with prepull's applier", zap.String("snapshotter", snapshotter))
+		}
+	}
+	var fastOpts []applier.Option
+	if dir := a.contentDir(ctx); dir != "" {
+		fastOpts = append(fastOpts, applier.WithContentDir(dir))
+	}
+	fast := applier.New(a.client.ContentStore(), a.log, fastOpts...)
+	fb := applier.NewFallback(fast, a.client.DiffService(), a.log, opts...)
+	c, err := containerd.NewWithConn(conn, containerd.WithDefaultNamespace(a.opts.namespace),
+		containerd.WithServices(containerd.WithDiffService(fb)))
+	if err != nil {
+		a.log.Warn("applying layers with containerd's applier", zap.Error(fmt.Errorf("client with prepull's applier: %w", err)))
+		return a.client
+	}
+	return c
+}
+
+// contentDir is the content store's directory on this host (the content
+// plugin's root, from the introspection API), "" when containerd does not
+// say: the applier then reads blobs through the content API.
+func (a *Agent) contentDir(ctx context.Context) string {
+	resp, err := a.client.IntrospectionService().Plugins(ctx, "type==io.containerd.content.v1")
+	if err != nil {
+		a.log.Debug("content store directory unknown", zap.Error(err))
+		return ""
+	}
+	for _, p := range resp.Plugins {
+		if root := p.Exports["root"]; root != "" && p.InitErr == nil {
+			return root
+		}
+	}
+	return ""
+}
