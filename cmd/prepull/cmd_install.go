@@ -29,10 +29,7 @@ prepull.service).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			g.ran = true
-			changes, err := install.Install(cmd.Context(), g.logger, install.Options{
-				Root:  root,
-				Files: prepull.Files,
-			})
+			changes, err := install.Install(cmd.Context(), g.logger, prepull.Files, install.WithRoot(root))
 			for _, c := range changes {
 				fmt.Fprintln(g.stdout, c)
 			}

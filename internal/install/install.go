@@ -74,24 +74,29 @@ func (c Change) String() string { return fmt.Sprintf("%-9s %s", c.Action, c.Path
 // Systemctl runs one systemctl command.
 type Systemctl func(ctx context.Context, args ...string) error
 
-// Options configure Install.
-type Options struct {
-	// Root is the directory the tree is installed under; empty means the
-	// running system, which is also the only case where systemctl is called.
-	Root string
-	// Binary is the prepull executable to install; empty means the running
-	// one (os.Executable).
-	Binary string
-	// Files holds the sources at the paths of the repository
-	// (systemd/prepull.service, deploy/examples/general-node.yaml, ...);
-	// the command passes the embedded prepull.Files.
-	Files fs.FS
-	// Systemctl runs systemctl for a live install; nil means exec.
-	Systemctl Systemctl
+// Option configures Install.
+type Option func(*options)
+
+type options struct {
+	root      string
+	binary    string
+	systemctl Systemctl
 }
 
+// WithRoot installs the tree under dir (an image builder staging a file
+// system) and leaves systemd alone. Without it Install works on the running
+// system, the only case where systemctl is called.
+func WithRoot(dir string) Option { return func(o *options) { o.root = dir } }
+
+// WithBinary installs the prepull executable at path (default: the running
+// one, os.Executable).
+func WithBinary(path string) Option { return func(o *options) { o.binary = path } }
+
+// WithSystemctl runs systemctl commands through fn (default: exec).
+func WithSystemctl(fn Systemctl) Option { return func(o *options) { o.systemctl = fn } }
+
 type file struct {
-	src   string // path in Options.Files, or "" for the binary
+	src   string // path in Install's files, or "" for the binary
 	dst   string // absolute path on the target, without the root
 	mode  fs.FileMode
 	owned bool // the administrator's once it exists: never overwritten
@@ -105,17 +110,22 @@ var files = []file{
 	{src: srcManifest, dst: ManifestPath, mode: 0o644, owned: true},
 }
 
-// Install installs prepull under opts.Root and reports what it did to each
+// Install installs prepull from src (the repository's files: the command
+// passes the embedded prepull.Files) and reports what it did to each
 // file, in a fixed order. For a live install (no root) it then runs
 // `systemctl daemon-reload` if a unit changed and `systemctl enable
 // prepull.service`; with a root (an image builder staging a file system) it
 // leaves systemd alone. It stops at the first error.
-func Install(ctx context.Context, log *zap.Logger, opts Options) ([]Change, error) {
+func Install(ctx context.Context, log *zap.Logger, src fs.FS, with ...Option) ([]Change, error) {
+	var opts options
+	for _, o := range with {
+		o(&opts)
+	}
 	log = log.Named("install")
-	if opts.Files == nil {
+	if src == nil {
 		return nil, errors.New("install: no source files")
 	}
-	bin := opts.Binary
+	bin := opts.binary
 	if bin == "" {
 		exe, err := os.Executable()
 		if err != nil {
@@ -123,7 +133,7 @@ func Install(ctx context.Context, log *zap.Logger, opts Options) ([]Change, erro
 		}
 		bin = exe
 	}
-	root := opts.Root
+	root := opts.root
 	if root != "" {
 		abs, err := filepath.Abs(root)
 		if err != nil {
@@ -144,7 +154,7 @@ func Install(ctx context.Context, log *zap.Logger, opts Options) ([]Change, erro
 			act, err = installBinary(bin, target, f.mode)
 		} else {
 			var data []byte
-			data, err = fs.ReadFile(opts.Files, f.src)
+			data, err = fs.ReadFile(src, f.src)
 			if err != nil {
 				return changes, fmt.Errorf("install %s: read embedded %s: %w", target, f.src, err)
 			}
@@ -165,7 +175,7 @@ func Install(ctx context.Context, log *zap.Logger, opts Options) ([]Change, erro
 			zap.String("root", root))
 		return changes, nil
 	}
-	run := opts.Systemctl
+	run := opts.systemctl
 	if run == nil {
 		run = execSystemctl
 	}

@@ -99,9 +99,9 @@ func TestInstallRootTree(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
 	bin := fakeBinary(t, "v1")
-	opts := Options{Root: root, Binary: bin, Files: prepull.Files, Systemctl: noSystemctl(t)}
+	opts := options{root: root, binary: bin, systemctl: noSystemctl(t)}
 
-	changes, err := Install(t.Context(), zap.NewNop(), opts)
+	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
 	if err != nil {
 		t.Fatalf("Install: %v", err)
 	}
@@ -148,8 +148,8 @@ func TestInstallRootTree(t *testing.T) {
 func TestInstallTwiceChangesNothing(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	opts := Options{Root: root, Binary: fakeBinary(t, "v1"), Files: prepull.Files, Systemctl: noSystemctl(t)}
-	if _, err := Install(t.Context(), zap.NewNop(), opts); err != nil {
+	opts := options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts)); err != nil {
 		t.Fatalf("first Install: %v", err)
 	}
 	// Push every mtime into the past so that any rewrite, even within the
@@ -168,7 +168,7 @@ func TestInstallTwiceChangesNothing(t *testing.T) {
 	})
 	snapshot := tree(t, root)
 
-	changes, err := Install(t.Context(), zap.NewNop(), opts)
+	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
 	if err != nil {
 		t.Fatalf("second Install: %v", err)
 	}
@@ -246,17 +246,17 @@ func TestInstallUpdates(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			root := t.TempDir()
-			opts := Options{Root: root, Binary: fakeBinary(t, "v1"), Files: prepull.Files, Systemctl: noSystemctl(t)}
-			if _, err := Install(t.Context(), zap.NewNop(), opts); err != nil {
+			opts := options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}
+			if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts)); err != nil {
 				t.Fatalf("first Install: %v", err)
 			}
 			if tc.tamper != nil {
 				tc.tamper(t, root)
 			}
 			if tc.newBin {
-				opts.Binary = fakeBinary(t, "v2")
+				opts.binary = fakeBinary(t, "v2")
 			}
-			changes, err := Install(t.Context(), zap.NewNop(), opts)
+			changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
 			if err != nil {
 				t.Fatalf("second Install: %v", err)
 			}
@@ -278,7 +278,7 @@ func TestInstallUpdates(t *testing.T) {
 			case tc.source != "":
 				want = embedded(t, tc.source)
 			case tc.newBin:
-				want = string(must(os.ReadFile(opts.Binary)))
+				want = string(must(os.ReadFile(opts.binary)))
 			}
 			if got := string(must(os.ReadFile(target))); got != want {
 				t.Errorf("%s after the second install:\n%s\nwant:\n%s", tc.path, got, want)
@@ -329,16 +329,16 @@ func rm(t *testing.T, p string) {
 func TestInstallBinaryOverItself(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	opts := Options{Root: root, Binary: fakeBinary(t, "v1"), Files: prepull.Files, Systemctl: noSystemctl(t)}
-	if _, err := Install(t.Context(), zap.NewNop(), opts); err != nil {
+	opts := options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts)); err != nil {
 		t.Fatal(err)
 	}
-	opts.Binary = filepath.Join(root, BinaryPath)
-	changes, err := Install(t.Context(), zap.NewNop(), opts)
+	opts.binary = filepath.Join(root, BinaryPath)
+	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a := actions(changes)[opts.Binary]; a != Unchanged {
+	if a := actions(changes)[opts.binary]; a != Unchanged {
 		t.Errorf("binary installed over itself: %s, want %s", a, Unchanged)
 	}
 }
@@ -350,11 +350,11 @@ func TestInstallErrors(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(root, UnitDir, BootUnit, "x"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Install(t.Context(), zap.NewNop(), Options{Root: root, Binary: fakeBinary(t, "v1"), Files: prepull.Files, Systemctl: noSystemctl(t)})
+	_, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}))
 	if err == nil || !strings.Contains(err.Error(), filepath.Join(root, UnitDir, BootUnit)) {
 		t.Fatalf("Install over a directory: error %v, want one naming the unit path", err)
 	}
-	_, err = Install(t.Context(), zap.NewNop(), Options{Root: t.TempDir(), Binary: filepath.Join(root, "missing"), Files: prepull.Files, Systemctl: noSystemctl(t)})
+	_, err = Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: t.TempDir(), binary: filepath.Join(root, "missing"), systemctl: noSystemctl(t)}))
 	if err == nil || !strings.Contains(err.Error(), "missing") {
 		t.Fatalf("Install of a missing binary: error %v, want one naming it", err)
 	}
@@ -412,7 +412,7 @@ const exposureLimit = "25" // tenths: 2.5
 func TestUnitsVerify(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	if _, err := Install(t.Context(), zap.NewNop(), Options{Root: root, Binary: fakeBinary(t, "v1"), Files: prepull.Files, Systemctl: noSystemctl(t)}); err != nil {
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)})); err != nil {
 		t.Fatal(err)
 	}
 	stageUnitLibrary(t, root)
@@ -437,7 +437,7 @@ func TestUnitsVerify(t *testing.T) {
 func TestUnitsVerifyCatchesBreakage(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	if _, err := Install(t.Context(), zap.NewNop(), Options{Root: root, Binary: fakeBinary(t, "v1"), Files: prepull.Files, Systemctl: noSystemctl(t)}); err != nil {
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)})); err != nil {
 		t.Fatal(err)
 	}
 	stageUnitLibrary(t, root)
@@ -615,3 +615,6 @@ func prefixAll(p string, s []string) []string {
 	}
 	return out
 }
+
+// with sets every option at once, from a struct the test can change.
+func with(o options) Option { return func(x *options) { *x = o } }
