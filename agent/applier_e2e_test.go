@@ -10,11 +10,15 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"golang.org/x/sys/unix"
 
 	"github.com/prepull/prepull/applier"
@@ -243,4 +247,67 @@ func compareDirs(t *testing.T, want, got string) {
 			t.Errorf("%s: only with prepull's applier", rel)
 		}
 	}
+}
+
+// TestWrongDiffIDCommitsNothing: an image whose config names another diffID
+// than its layer's content is refused after prepull's applier wrote the
+// layer (containerd's unpacker checks the digest the applier returns). No
+// snapshot is committed, no extraction snapshot is left, no record is
+// written, and once the registry serves a correct image under the tag the
+// re-run completes.
+func TestWrongDiffIDCommitsNothing(t *testing.T) {
+	t.Parallel()
+	layer, err := harness.Layer(harness.RandomFiles("/w", 4, 64<<10, 77), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{layer}, OCI: true, Arch: runtime.GOARCH})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, err := good.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	wrong := v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("ab", 32)}
+	cf.RootFS.DiffIDs = []v1.Hash{wrong}
+	bad, err := mutate.ConfigFile(good, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := env.Pusher.Push(t.Context(), "agent/wrongdiff:1", bad); err != nil {
+		t.Fatal(err)
+	}
+	ref := env.Ref("agent/wrongdiff:1")
+
+	var seen layerLog
+	a, client := newTestAgent(t, WithApplier(ApplierPrepull), WithLayerObserver(&seen))
+	rs := a.Pull(t.Context(), []manifest.Image{{Ref: ref, Pin: true}})
+	if rs[0].Err == nil {
+		t.Fatal("an image whose config names the wrong diffID was pulled")
+	}
+	if len(seen.layers) != 1 || seen.layers[0].Applier != applier.NamePrepull {
+		t.Fatalf("layers seen = %+v, want the one layer applied by prepull's applier", seen.layers)
+	}
+	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
+	if _, err := client.ImageService().Get(ctx, ref); !errdefs.IsNotFound(err) {
+		t.Errorf("record for the refused image: err = %v, want not found", err)
+	}
+	sn := client.SnapshotService("overlayfs")
+	if _, err := sn.Stat(ctx, wrong.String()); !errdefs.IsNotFound(err) {
+		t.Errorf("snapshot %s committed for the wrong diffID: err = %v", wrong, err)
+	}
+	_ = sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if info.Kind == snapshots.KindActive && strings.Contains(info.Name, wrong.Hex) {
+			t.Errorf("extraction snapshot %s left behind", info.Name)
+		}
+		return nil
+	})
+
+	if _, err := env.Pusher.Push(t.Context(), "agent/wrongdiff:1", good); err != nil {
+		t.Fatal(err)
+	}
+	pullOK(t, a, manifest.Image{Ref: ref, Pin: true})
+	criStatus(t, ref, true)
 }
