@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -14,7 +13,6 @@ import (
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -70,15 +68,7 @@ func newTestAgent(t *testing.T, opts ...Option) (*Agent, *containerd.Client) {
 // reference (through the proxy) and manifest digest.
 func push(t *testing.T, repoTag string, seed uint64) (ref, digest string) {
 	t.Helper()
-	layer, err := harness.Layer(harness.RandomFiles("/app", 3, 2048, seed), true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{layer}, OCI: true, Arch: runtime.GOARCH})
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := env.Pusher.Push(t.Context(), repoTag, img)
+	d, err := env.Pusher.PushRandom(t.Context(), repoTag, 3, 2048, seed)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,6 @@ package workload
 
 import (
 	"fmt"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -10,7 +9,6 @@ import (
 	"github.com/prepull/prepull/agent"
 	"github.com/prepull/prepull/registry"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/prepull/prepull/internal/harness"
@@ -47,15 +45,7 @@ func TestRoundTripE2E(t *testing.T) {
 	// satisfy the next.
 	push := func(t *testing.T, repoTag string, seed uint64) string {
 		t.Helper()
-		layer, err := harness.Layer(harness.RandomFiles("/app", 2, 4096, seed), true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{layer}, OCI: true, Arch: runtime.GOARCH})
-		if err != nil {
-			t.Fatal(err)
-		}
-		d, err := env.Pusher.Push(ctx, repoTag, img)
+		d, err := env.Pusher.PushRandom(ctx, repoTag, 2, 4096, seed)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -22,15 +21,7 @@ import (
 
 func pushSmall(t *testing.T, repoTag string, seed uint64) string {
 	t.Helper()
-	l, err := harness.Layer(harness.RandomFiles("d", 2, 16<<10, seed), true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{l}, OCI: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := env.Pusher.Push(t.Context(), repoTag, img)
+	d, err := env.Pusher.PushRandom(t.Context(), repoTag, 2, 16<<10, seed)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"runtime"
 	"sort"
 	"time"
 
@@ -210,4 +211,19 @@ func (p *Pusher) PushIndex(ctx context.Context, repoTag string, imgs map[string]
 	}
 	d, err := idx.Digest()
 	return d.String(), err
+}
+
+// PushRandom pushes a one-layer OCI image for the node's architecture,
+// holding n files of size bytes of data seeded by seed, as repoTag, and
+// returns its manifest digest. Different seeds give different images.
+func (p *Pusher) PushRandom(ctx context.Context, repoTag string, n, size int, seed uint64) (string, error) {
+	layer, err := Layer(RandomFiles("/data", n, size, seed), true)
+	if err != nil {
+		return "", err
+	}
+	img, err := Image(ImageSpec{Layers: []v1.Layer{layer}, OCI: true, Arch: runtime.GOARCH})
+	if err != nil {
+		return "", err
+	}
+	return p.Push(ctx, repoTag, img)
 }
