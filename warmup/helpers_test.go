@@ -74,6 +74,17 @@ func (l *readLog) hook(path string, off int64, n int) {
 	l.ranges[path] = append(l.ranges[path], [2]int64{off, off + int64(n)})
 }
 
+// count is the number of reads logged.
+func (l *readLog) count() int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var n int64
+	for _, rs := range l.ranges {
+		n += int64(len(rs))
+	}
+	return n
+}
+
 // byInode merges the ranges of paths that are hard links of one inode.
 func (l *readLog) byInode(t *testing.T) map[fileKey][][2]int64 {
 	t.Helper()

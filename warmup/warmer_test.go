@@ -136,7 +136,8 @@ func TestWarmHostileTree(t *testing.T) {
 				}
 			}
 			wantStats := Stats{
-				Image: "hostile", Files: 10, Bytes: wantBytes, Layers: 2, Duplicates: 2,
+				Image: "hostile", Mode: mode, Files: 10, Bytes: wantBytes, Layers: 2, Duplicates: 2,
+				Requests: log.count(), BytesRequested: wantBytes,
 				Skipped: Skipped{Symlinks: 7, Special: 4, Whiteouts: 2},
 			}
 			got := st
