@@ -1,7 +1,9 @@
 package warmup
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -368,25 +370,22 @@ func (r *run) list(ctx context.Context, j job, _ []byte) {
 	}
 }
 
-// parseDirent decodes one linux_dirent64; reclen 0 means the buffer is malformed.
+// parseDirent decodes one linux_dirent64 (u64 ino, s64 off, u16 reclen, u8 type, name); reclen 0
+// means the buffer is malformed.
 func parseDirent(b []byte) (ino uint64, typ uint8, name string, reclen int) {
-	const nameOff = int(unsafe.Offsetof(unix.Dirent{}.Name))
+	const nameOff = 19
 	if len(b) < nameOff {
 		return 0, 0, "", 0
 	}
-	d := (*unix.Dirent)(unsafe.Pointer(&b[0]))
-	reclen = int(d.Reclen)
+	reclen = int(binary.NativeEndian.Uint16(b[16:]))
 	if reclen < nameOff || reclen > len(b) {
 		return 0, 0, "", 0
 	}
 	raw := b[nameOff:reclen]
-	for i, c := range raw {
-		if c == 0 {
-			raw = raw[:i]
-			break
-		}
+	if i := bytes.IndexByte(raw, 0); i >= 0 {
+		raw = raw[:i]
 	}
-	return d.Ino, d.Type, string(raw), reclen
+	return binary.NativeEndian.Uint64(b), b[18], string(raw), reclen
 }
 
 // entry classifies one directory entry by its d_type and queues what is to be read.
