@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"go.uber.org/zap"
@@ -121,6 +122,9 @@ type extFile struct {
 	path     string
 	dev, ino uint64
 	size     int64
+	ctime    unix.Timespec // as the query's fstat saw them
+	mtime    unix.Timespec
+	queried  int64    // wall clock (UnixNano) of the query
 	planned  []extent // device extents as queried
 	want     int64    // bytes of them to read (less than planned when the budget cut it)
 	pending  atomic.Int32
@@ -209,6 +213,7 @@ func (b *batch) deviceFor(r *run, dev uint64) *devState {
 // fd still open, when the file must be read through the file system instead; true when it took
 // over (and closed) fd.
 func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Stat_t, ds *devState, buf []byte) bool {
+	queried := time.Now().UnixNano()
 	exts, err := fiemap(fd, st.Size, buf)
 	if err != nil {
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
@@ -249,7 +254,8 @@ func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Sta
 		return true
 	}
 	r.usedExtents()
-	ef := &extFile{r: r, ds: ds, path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size, planned: dev, want: want}
+	ef := &extFile{r: r, ds: ds, path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
+		ctime: st.Ctim, mtime: st.Mtim, queried: queried, planned: dev, want: want}
 	r.addPending(1)
 	ds.mu.Lock()
 	ds.files = append(ds.files, ef)
@@ -454,6 +460,28 @@ func (b *batch) close() {
 	b.devs = nil
 }
 
+// defaultSettled is how long before the extent query a file's last change must lie for an
+// unchanged ctime to prove that nothing changed since: a change sets ctime from a clock that may be
+// one scheduler tick coarse, so a change right after the query could repeat a ctime from just
+// before it.
+const defaultSettled = time.Second
+
+// unchanged reports, with one lstat, that the file cannot have changed since its extents were
+// queried: same inode, size and modification time, and a change time that lay well before the
+// query and is still the same (any change since would have set it to a later time). When it
+// cannot tell, the caller compares the extents themselves.
+func (f *extFile) unchanged() bool {
+	if f.queried-f.ctime.Nano() < int64(f.r.w.settled) {
+		return false
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(unix.AT_FDCWD, f.path, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return false
+	}
+	return st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Dev) == f.dev && st.Ino == f.ino && st.Size == f.size &&
+		st.Ctim == f.ctime && st.Mtim == f.mtime
+}
+
 // finishExtFile runs when every device request of f was read. It checks that the file still has
 // the extents that were read (a file rewritten in between has new blocks, or none yet); if it
 // does, its bytes are counted; if not, or a request failed, the file is read through the file
@@ -461,6 +489,11 @@ func (b *batch) close() {
 func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 	defer r.addPending(-1)
 	if ctx.Err() != nil {
+		return
+	}
+	if !f.failed.Load() && f.unchanged() {
+		r.c.bytes.Add(f.want)
+		r.w.cfg.observer.AddBytes(f.want)
 		return
 	}
 	fd, err := openNoFollow(f.path, unix.O_NONBLOCK)

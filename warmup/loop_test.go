@@ -313,6 +313,11 @@ func TestExtentsOnLoopDevice(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			if fstype == "xfs" {
+				// The files are fresh: on ext4 each one's extents are compared again after the
+				// reads; here the one-lstat check (nothing changed since the query) is taken.
+				w.settled = 0
+			}
 			dl := &devLog{}
 			w.onDevice = dl.hook
 			rl := newReadLog()

@@ -3,16 +3,18 @@ package warmup
 import "sync"
 
 // queue holds the jobs of one exec. Priority jobs come first (newest first); then device requests
-// of extents mode, in the disk order they were queued, while fewer than devLimit run (so the walk
-// keeps feeding the device) or when they pile up (so their memory stays bounded) or nothing else
-// is left; then the targets' stacks in turn, newest first on each, which keeps each stack short and
-// lets the images overlap.
+// of extents mode while fewer than devLimit run (so the walk keeps feeding the device) or when they
+// pile up (so their memory stays bounded) or nothing else is left: in the disk order they were
+// queued, the targets in turn (by the target of a request's first run of bytes), so the requests
+// of a 2 GiB file do not hold back those of a small-file image; then the targets' stacks in turn,
+// newest first on each, which keeps each stack short and lets the images overlap.
 type queue struct {
 	mu       sync.Mutex
 	cond     sync.Cond
 	prio     []job
-	dev      []job
-	devHead  int
+	dev      []fifo // device requests, one queue per target
+	devNext  int
+	devJobs  int
 	stacks   [][]job // one per target
 	next     int     // the stack to take from next
 	walkJobs int     // jobs on stacks
@@ -32,6 +34,7 @@ type queue struct {
 func newQueue(targets, workers int) *queue {
 	q := &queue{
 		finished: make(chan struct{}),
+		dev:      make([]fifo, targets),
 		stacks:   make([][]job, targets),
 		devLimit: max(1, workers-workers/4),
 		devPile:  4 * workers,
@@ -50,7 +53,8 @@ func (q *queue) push(j job) {
 func (q *queue) pushLocked(j job) {
 	switch {
 	case j.kind == jobDevice:
-		q.dev = append(q.dev, j)
+		q.dev[j.req.parts[0].r.idx].push(j)
+		q.devJobs++
 	case j.priority:
 		q.prio = append(q.prio, j)
 	default:
@@ -95,16 +99,16 @@ func (q *queue) takeLocked() (job, bool) {
 		q.prio = q.prio[:n-1]
 		return j, true
 	}
-	devQueued := len(q.dev) - q.devHead
-	if devQueued > 0 && (q.devRun < q.devLimit || devQueued > q.devPile || q.walkJobs == 0) {
-		j := q.dev[q.devHead]
-		q.dev[q.devHead] = job{}
-		q.devHead++
-		if q.devHead == len(q.dev) {
-			q.dev, q.devHead = q.dev[:0], 0
+	if q.devJobs > 0 && (q.devRun < q.devLimit || q.devJobs > q.devPile || q.walkJobs == 0) {
+		for range q.dev {
+			i := q.devNext
+			q.devNext = (q.devNext + 1) % len(q.dev)
+			if j, ok := q.dev[i].pop(); ok {
+				q.devJobs--
+				q.devRun++
+				return j, true
+			}
 		}
-		q.devRun++
-		return j, true
 	}
 	for range q.stacks {
 		i := q.next
@@ -156,10 +160,33 @@ func (q *queue) drain() []job {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	out := append([]job(nil), q.prio...)
-	out = append(out, q.dev[q.devHead:]...)
+	for _, f := range q.dev {
+		out = append(out, f.jobs[f.head:]...)
+	}
 	for _, s := range q.stacks {
 		out = append(out, s...)
 	}
-	q.prio, q.dev, q.devHead, q.stacks = nil, nil, 0, nil
+	q.prio, q.dev, q.stacks, q.devJobs = nil, nil, nil, 0
 	return out
+}
+
+// fifo is a first-in first-out list of jobs.
+type fifo struct {
+	jobs []job
+	head int
+}
+
+func (f *fifo) push(j job) { f.jobs = append(f.jobs, j) }
+
+func (f *fifo) pop() (job, bool) {
+	if f.head == len(f.jobs) {
+		return job{}, false
+	}
+	j := f.jobs[f.head]
+	f.jobs[f.head] = job{}
+	f.head++
+	if f.head == len(f.jobs) {
+		f.jobs, f.head = f.jobs[:0], 0
+	}
+	return j, true
 }

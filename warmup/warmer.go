@@ -145,6 +145,8 @@ type Warmer struct {
 	afterQuery func(path string)
 	sysfs      string
 	devDir     string
+	// settled: see defaultSettled (tests shorten it to take the one-lstat path on fresh files).
+	settled time.Duration
 }
 
 // Validate checks options the way New does, without allocating the Warmer's buffers, so a
@@ -178,13 +180,14 @@ func New(log *zap.Logger, opts ...Option) (*Warmer, error) {
 		return nil, err
 	}
 	w := &Warmer{
-		log:    log.Named("warmup"),
-		cfg:    s,
-		slots:  make(chan []byte, s.workers),
-		layers: make(map[fileKey]*layerState),
-		seen:   make(map[fileKey]struct{}),
-		sysfs:  "/sys",
-		devDir: "/dev",
+		log:     log.Named("warmup"),
+		cfg:     s,
+		slots:   make(chan []byte, s.workers),
+		layers:  make(map[fileKey]*layerState),
+		seen:    make(map[fileKey]struct{}),
+		sysfs:   "/sys",
+		devDir:  "/dev",
+		settled: defaultSettled,
 	}
 	if s.rate > 0 {
 		w.rate = newBucket(s.rate, int64(w.step()))
