@@ -7,7 +7,8 @@ import "sync"
 // pile up (so their memory stays bounded) or nothing else is left: in the disk order they were
 // queued, the targets in turn (by the target of a request's first run of bytes), so the requests
 // of a 2 GiB file do not hold back those of a small-file image; then the targets' stacks in turn,
-// newest first on each, which keeps each stack short and lets the images overlap.
+// newest first on each (directories listed ahead while few files wait), which keeps each stack
+// short and lets the images overlap.
 type queue struct {
 	mu       sync.Mutex
 	cond     sync.Cond
@@ -15,7 +16,9 @@ type queue struct {
 	dev      []fifo // device requests, one queue per target
 	devNext  int
 	devJobs  int
-	stacks   [][]job // one per target
+	stacks   [][]job // files and segments, one stack per target
+	dirs     [][]job // directories to list, one stack per target
+	lowWater int     // list another directory of a target while fewer of its files than this wait
 	next     int     // the stack to take from next
 	walkJobs int     // jobs on stacks
 	active   int     // queued or running
@@ -36,6 +39,8 @@ func newQueue(targets, workers int) *queue {
 		finished: make(chan struct{}),
 		dev:      make([]fifo, targets),
 		stacks:   make([][]job, targets),
+		dirs:     make([][]job, targets),
+		lowWater: 4 * workers,
 		devLimit: max(1, workers-workers/4),
 		devPile:  4 * workers,
 	}
@@ -57,6 +62,9 @@ func (q *queue) pushLocked(j job) {
 		q.devJobs++
 	case j.priority:
 		q.prio = append(q.prio, j)
+	case j.kind == jobDir:
+		q.dirs[j.r.idx] = append(q.dirs[j.r.idx], j)
+		q.walkJobs++
 	default:
 		q.stacks[j.r.idx] = append(q.stacks[j.r.idx], j)
 		q.walkJobs++
@@ -113,10 +121,17 @@ func (q *queue) takeLocked() (job, bool) {
 	for range q.stacks {
 		i := q.next
 		q.next = (q.next + 1) % len(q.stacks)
-		if n := len(q.stacks[i]); n > 0 {
-			j := q.stacks[i][n-1]
-			q.stacks[i][n-1] = job{}
-			q.stacks[i] = q.stacks[i][:n-1]
+		// Directories are listed ahead of the files while few files wait: the files of one
+		// directory share their metadata blocks, so the opens of several directories' files are
+		// what keeps the device's queue full on a cold volume.
+		s := &q.stacks[i]
+		if len(q.dirs[i]) > 0 && len(*s) < q.lowWater {
+			s = &q.dirs[i]
+		}
+		if n := len(*s); n > 0 {
+			j := (*s)[n-1]
+			(*s)[n-1] = job{}
+			*s = (*s)[:n-1]
 			q.walkJobs--
 			return j, true
 		}
@@ -163,10 +178,11 @@ func (q *queue) drain() []job {
 	for _, f := range q.dev {
 		out = append(out, f.jobs[f.head:]...)
 	}
-	for _, s := range q.stacks {
-		out = append(out, s...)
+	for i := range q.stacks {
+		out = append(out, q.stacks[i]...)
+		out = append(out, q.dirs[i]...)
 	}
-	q.prio, q.dev, q.stacks, q.devJobs = nil, nil, nil, 0
+	q.prio, q.dev, q.stacks, q.dirs, q.devJobs = nil, nil, nil, nil, 0
 	return out
 }
 
