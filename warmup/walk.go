@@ -41,15 +41,31 @@ const (
 // job is one unit of work.
 type job struct {
 	kind     jobKind
-	r        *run   // the target it is done for (nil for jobDevice)
-	path     string // jobDir, jobFile
-	dev, ino uint64 // from the listing: the open must find the same inode
+	r        *run       // the target it is done for (nil for jobDevice)
+	path     string     // jobDir, jobFile
+	dir      *dirHandle // jobFile from a listing: its directory, held open so the open is relative
+	name     string     // jobFile from a listing: its name in dir
+	dev, ino uint64     // from the listing: the open must find the same inode
 	priority bool
 
 	f        *openFile // jobSegment
 	off, end int64     // jobSegment: file range; jobDevice: device range
 
 	req *devRequest // jobDevice
+}
+
+// dirHandle is a listed directory's descriptor, held open while jobs for its files wait: a file is
+// opened relative to it, which spares the kernel a walk of the whole path per file and cannot be
+// led elsewhere by a parent directory swapped since the listing. The last job closes it.
+type dirHandle struct {
+	fd   int
+	refs atomic.Int32
+}
+
+func (d *dirHandle) release() {
+	if d.refs.Add(-1) == 0 {
+		unix.Close(d.fd)
+	}
 }
 
 // openFile is a file descriptor shared by the segments of one large file; the last segment closes it.
@@ -258,6 +274,9 @@ func (b *batch) exec(ctx context.Context, prio, jobs []job) {
 					return
 				}
 				b.do(ctx, j, buf)
+				if j.dir != nil {
+					j.dir.release()
+				}
 				q.done(j)
 				if j.r != nil {
 					j.r.addPending(-1)
@@ -277,6 +296,9 @@ func (b *batch) exec(ctx context.Context, prio, jobs []job) {
 			j.f.release()
 		case jobDevice:
 			b.dropRequest(j.req)
+		}
+		if j.dir != nil {
+			j.dir.release()
 		}
 		if j.r != nil {
 			j.r.addPending(-1)
@@ -331,7 +353,9 @@ func (r *run) list(ctx context.Context, j job, _ []byte) {
 		r.result(ResultError)
 		return
 	}
-	defer unix.Close(fd)
+	h := &dirHandle{fd: fd}
+	h.refs.Store(1)
+	defer h.release()
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil || uint64(st.Dev) != j.dev || st.Ino != j.ino {
 		// A directory swapped since the listing, or a mount point: not the layer's directory.
@@ -365,7 +389,7 @@ func (r *run) list(ctx context.Context, j job, _ []byte) {
 			if name == "." || name == ".." || ino == 0 {
 				continue
 			}
-			r.entry(fd, j.path, uint64(st.Dev), ino, typ, name)
+			r.entry(h, j.path, uint64(st.Dev), ino, typ, name)
 		}
 	}
 }
@@ -389,13 +413,13 @@ func parseDirent(b []byte) (ino uint64, typ uint8, name string, reclen int) {
 }
 
 // entry classifies one directory entry by its d_type and queues what is to be read.
-func (r *run) entry(dirfd int, dir string, dev, ino uint64, typ uint8, name string) {
+func (r *run) entry(h *dirHandle, dir string, dev, ino uint64, typ uint8, name string) {
 	path := filepath.Join(dir, name)
 	if typ == unix.DT_UNKNOWN || typ == unix.DT_CHR {
 		// The file system did not say (DT_UNKNOWN), or a character device may be a whiteout (0:0):
 		// ask for the entry itself, never its target.
 		var st unix.Stat_t
-		if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		if err := unix.Fstatat(h.fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 			r.log.Debug("lstat", zap.String("path", path), zap.Error(err))
 			r.result(ResultError)
 			return
@@ -417,7 +441,8 @@ func (r *run) entry(dirfd int, dir string, dev, ino uint64, typ uint8, name stri
 			r.result(ResultWhiteout)
 			return
 		}
-		r.b.push(job{kind: jobFile, r: r, path: path, dev: dev, ino: ino})
+		h.refs.Add(1)
+		r.b.push(job{kind: jobFile, r: r, path: path, dir: h, name: name, dev: dev, ino: ino})
 	default: // FIFO, socket, block or character device
 		r.result(ResultSpecial)
 	}
@@ -454,7 +479,11 @@ func (r *run) readFile(ctx context.Context, j job, buf []byte) {
 	}
 	// O_NONBLOCK: if the entry was swapped for a FIFO since the listing, the open does not block;
 	// O_NOFOLLOW: if it was swapped for a symbolic link, the open fails.
-	fd, err := openNoFollow(j.path, unix.O_NONBLOCK)
+	dirfd, name := unix.AT_FDCWD, j.path
+	if j.dir != nil {
+		dirfd, name = j.dir.fd, j.name
+	}
+	fd, err := openatNoFollow(dirfd, name, unix.O_NONBLOCK)
 	if err != nil {
 		r.log.Debug("open file", zap.String("path", j.path), zap.Error(err))
 		r.result(ResultError)
@@ -605,11 +634,16 @@ func (r *run) reserve(n int64) int64 {
 // openNoFollow opens path read-only without following a final symbolic link and without updating
 // its access time (when the process may: O_NOATIME needs ownership or CAP_FOWNER).
 func openNoFollow(path string, flags int) (int, error) {
+	return openatNoFollow(unix.AT_FDCWD, path, flags)
+}
+
+// openatNoFollow is openNoFollow relative to the directory dirfd.
+func openatNoFollow(dirfd int, path string, flags int) (int, error) {
 	flags |= unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
 	for {
-		fd, err := unix.Open(path, flags|unix.O_NOATIME, 0)
+		fd, err := unix.Openat(dirfd, path, flags|unix.O_NOATIME, 0)
 		if errors.Is(err, unix.EPERM) {
-			fd, err = unix.Open(path, flags, 0)
+			fd, err = unix.Openat(dirfd, path, flags, 0)
 		}
 		if errors.Is(err, unix.EINTR) {
 			continue
