@@ -36,6 +36,12 @@ need bc bc
 mkdir -p "$WORK"
 trap 'stack_down >/dev/null 2>&1 || true' EXIT
 go build -o "$WORK/warmdriver" "$ROOT/bench/warm/warmdriver"
+# "today": the warm-up as it was before issue 13 (Readdir + lstat per entry, one image after
+# another), built from BASE_REV. Its warmdriver warms one image per process.
+BASE_REV=${BASE_REV:-5214277}
+rm -rf "$WORK/base-src" && mkdir -p "$WORK/base-src"
+git -C "$ROOT" archive "$BASE_REV" | tar -x -C "$WORK/base-src"
+(cd "$WORK/base-src" && go build -o "$WORK/warmdriver-base" ./bench/warm/warmdriver)
 
 if [[ ! -s $DISK ]]; then
 	echo "laying out the snapshot tree and the 4 GiB ext4 image in $WORK ..." >&2
@@ -77,11 +83,15 @@ DEV_MIB=$(($(blockdev --getsize64 "$(cat "$WORK/loopdev")") >> 20))
 stack_down >/dev/null
 
 WD=("$WORK/warmdriver" warm)
-contender "prepull-read-seq" "$IMG_MIB" "${WD[@]}" -mode read "$A" "$B" "$C"
+BASE="$WORK/warmdriver-base"
+dirs() { tr ':' ' ' <<<"${1#*=}"; }
+# shellcheck disable=SC2046
+contender "today-read-seq" "$IMG_MIB" bash -c "'$BASE' warm $(dirs "$A") && '$BASE' warm $(dirs "$B") && '$BASE' warm $(dirs "$C")"
 contender "prepull-read-all" "$IMG_MIB" "${WD[@]}" -mode read -all "$A" "$B" "$C"
 contender "prepull-extents-all" "$IMG_MIB" "${WD[@]}" -mode extents -all "$A" "$B" "$C"
 contender "vmtouch-t" "$IMG_MIB" vmtouch -t "${LAYERS[@]}"
 contender "fio-device" "$DEV_MIB" bash -c 'fio --name=warm --filename="$(cat "$WORK/loopdev")" --rw=read --bs=1M --iodepth=32 --direct=1 --ioengine=libaio --readonly --output-format=terse >/dev/null'
+contender "today-read-B-alone" "$B_MIB" "$BASE" warm "$(dirs "$B")"
 contender "prepull-read-B-alone" "$B_MIB" "${WD[@]}" -mode read "$B"
 contender "prepull-extents-B-alone" "$B_MIB" "${WD[@]}" -mode extents "$B"
 
@@ -115,6 +125,7 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 	echo "needed: MiB the contender had to read (fio: the whole device); MiB/s = needed / wall; req'd MiB/s: bytes"
 	echo "requested per second (prepull: Stats.BytesRequested, including merged gaps; fio: its reads); A/B/C s: each"
 	echo "image's Stats.Duration (from the start of the run); CPU%: warmdriver's user+system time / wall; RSS: its peak."
-	echo "seq = Warm per image one after another (the CLI before WarmAll); all = WarmAll."
+	echo "today = the warm-up before issue 13 (BASE_REV $BASE_REV: Readdir with an lstat per entry, images one after"
+	echo "another, one process each); all = WarmAll of this tree. B-alone: the 40k-small-file image by itself."
 } | tee "$WORK/table.md"
 cp "$WORK/table.md" "$HERE/last-run.md"
