@@ -43,7 +43,7 @@ rm -rf "$WORK/base-src" && mkdir -p "$WORK/base-src"
 git -C "$ROOT" archive "$BASE_REV" | tar -x -C "$WORK/base-src"
 (cd "$WORK/base-src" && go build -o "$WORK/warmdriver-base" ./bench/warm/warmdriver)
 
-if [[ ! -s $DISK ]]; then
+if [[ ! -s $DISK && -z ${TABLE_ONLY:-} ]]; then
 	echo "laying out the snapshot tree and the 4 GiB ext4 image in $WORK ..." >&2
 	rm -rf "$WORK/tree" "$WORK/disk.img"
 	"$WORK/warmdriver" gen "$WORK/tree"
@@ -58,7 +58,6 @@ B="B=$M/4/fs"
 C="C=$M/5/fs:$M/1/fs"
 LAYERS=("$M/1/fs" "$M/2/fs" "$M/3/fs" "$M/4/fs" "$M/5/fs")
 RESULTS=$WORK/results.tsv
-: >"$RESULTS"
 
 # contender NAME NEEDED_MIB CMD...
 contender() {
@@ -82,6 +81,8 @@ B_MIB=$(du -s --block-size=1M --apparent-size "$M/4/fs" | awk '{print $1}')
 DEV_MIB=$(($(blockdev --getsize64 "$(cat "$WORK/loopdev")") >> 20))
 stack_down >/dev/null
 
+if [[ -z ${TABLE_ONLY:-} ]]; then
+: >"$RESULTS"
 WD=("$WORK/warmdriver" warm)
 BASE="$WORK/warmdriver-base"
 dirs() { tr ':' ' ' <<<"${1#*=}"; }
@@ -95,6 +96,8 @@ contender "today-read-B-alone" "$B_MIB" "$BASE" warm "$(dirs "$B")"
 contender "prepull-read-B-alone" "$B_MIB" "${WD[@]}" -mode read "$B"
 contender "prepull-extents-B-alone" "$B_MIB" "${WD[@]}" -mode extents "$B"
 
+fi
+
 # jget JSON-LINE KEY: a scalar of a flat JSON object.
 jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 
@@ -105,7 +108,9 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 	printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' -------------------------  --------- --------- ---------- --------- ----------- ------------- -------- -------- -------- ------- --------
 	vm=$(awk -F'\t' '$1 == "vmtouch-t" {print $2}' "$RESULTS")
 	while IFS=$'\t' read -r name wall needed slow; do
-		req="-" a="-" b="-" c="-" cpu="-" rss="-"
+		req="-" a="-" b="-" c="-" cpu="-" rss="-" vs="-"
+		# vmtouch -t read the whole set: compare only contenders that did too.
+		[[ $name == *-alone ]] || vs=$(printf '%.2fx' "$(echo "$vm / $wall" | bc -l)")
 		if [[ $name == prepull-* ]]; then
 			all=$(grep '"image":"ALL"' "$WORK/$name.out")
 			req=$(printf '%.1f' "$(echo "$(jget "$all" bytes_requested) / 1048576 / $wall" | bc -l)")
@@ -118,8 +123,8 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 		elif [[ $name == fio-device ]]; then
 			req=$(printf '%.1f' "$(echo "$needed / $wall" | bc -l)")
 		fi
-		printf '| %-23s | %7.2f | %7d | %8.1f | %7.1f | %9.2fx | %11s | %6s | %6s | %6s | %5s | %6s |\n' "$name" "$wall" "$needed" "$slow" \
-			"$(echo "$needed / $wall" | bc -l)" "$(echo "$vm / $wall" | bc -l)" "$req" "$a" "$b" "$c" "$cpu" "$rss"
+		printf '| %-23s | %7.2f | %7d | %8.1f | %7.1f | %10s | %11s | %6s | %6s | %6s | %5s | %6s |\n' "$name" "$wall" "$needed" "$slow" \
+			"$(echo "$needed / $wall" | bc -l)" "$vs" "$req" "$a" "$b" "$c" "$cpu" "$rss"
 	done <"$RESULTS"
 	echo
 	echo "needed: MiB the contender had to read (fio: the whole device); MiB/s = needed / wall; req'd MiB/s: bytes"
