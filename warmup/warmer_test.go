@@ -525,6 +525,8 @@ func TestNewValidates(t *testing.T) {
 		{"negative rate", WithRate(-1)},
 		{"negative budget", WithBudget(-1)},
 		{"nil observer", WithObserver(nil)},
+		{"negative merge gap", WithMergeGap(-1)},
+		{"huge merge gap", WithMergeGap(1 << 30)},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -541,7 +543,7 @@ func TestNewValidates(t *testing.T) {
 
 func TestParseMode(t *testing.T) {
 	t.Parallel()
-	for in, want := range map[string]Mode{"read": ModeRead, "fadvise": ModeFadvise, "": "", "READ": "", "mmap": ""} {
+	for in, want := range map[string]Mode{"read": ModeRead, "fadvise": ModeFadvise, "extents": ModeExtents, "auto": ModeAuto, "": "", "READ": "", "mmap": ""} {
 		got, err := ParseMode(in)
 		if got != want || (err == nil) != (want != "") {
 			t.Errorf("ParseMode(%q) = %q, %v", in, got, err)
