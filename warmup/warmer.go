@@ -273,12 +273,13 @@ func (w *Warmer) WarmAll(ctx context.Context, targets []Target) []Outcome {
 				continue
 			}
 			c.keys[j] = k
+			// Also for a layer another target walks: the image's mode is that of its devices.
+			b.device(c.r, k.dev)
 			s, own := w.claimLayer(k)
 			c.states[j] = s
 			if own {
 				c.mine = append(c.mine, j)
 				owner[s] = c.r
-				b.device(c.r, k.dev)
 			} else {
 				c.others = append(c.others, j)
 			}
@@ -355,7 +356,6 @@ func (w *Warmer) WarmAll(ctx context.Context, targets []Target) []Outcome {
 				c.r.shared++
 				continue
 			}
-			b.device(c.r, c.keys[i].dev)
 			again = append(again, job{kind: jobDir, r: c.r, path: c.t.Dirs[i], dev: c.keys[i].dev, ino: c.keys[i].ino})
 			againStates = append(againStates, ns)
 			c.r.layers++
