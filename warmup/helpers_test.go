@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -20,8 +21,11 @@ import (
 )
 
 // helperEnv makes the test binary act as a helper process instead of running tests: see
-// TestUnopenableFileCounted.
-const helperEnv = "PREPULL_WARMUP_HELPER_DIR"
+// TestUnopenableFileCounted. helperModeEnv sets the helper's Mode (default read).
+const (
+	helperEnv     = "PREPULL_WARMUP_HELPER_DIR"
+	helperModeEnv = "PREPULL_WARMUP_HELPER_MODE"
+)
 
 func TestMain(m *testing.M) {
 	if dir := os.Getenv(helperEnv); dir != "" {
@@ -32,12 +36,16 @@ func TestMain(m *testing.M) {
 
 // helperWarm warms dir and prints the Stats as JSON on stdout.
 func helperWarm(dir string) int {
-	w, err := New(zap.NewNop(), WithWorkers(4))
+	mode := ModeRead
+	if m := os.Getenv(helperModeEnv); m != "" {
+		mode = Mode(m)
+	}
+	w, err := New(zap.NewNop(), WithWorkers(4), WithMode(mode))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	st, err := w.Warm(context.Background(), Target{Name: "helper", Dirs: []string{dir}})
+	st, err := w.Warm(context.Background(), Target{Name: "helper", Dirs: strings.Split(dir, ":")})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -72,6 +80,17 @@ func (l *readLog) hook(path string, off int64, n int) {
 		l.order = append(l.order, path)
 	}
 	l.ranges[path] = append(l.ranges[path], [2]int64{off, off + int64(n)})
+}
+
+// count is the number of reads logged.
+func (l *readLog) count() int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var n int64
+	for _, rs := range l.ranges {
+		n += int64(len(rs))
+	}
+	return n
 }
 
 // byInode merges the ranges of paths that are hard links of one inode.
@@ -291,3 +310,5 @@ func (w *witness) touched(t *testing.T) []string {
 		}
 	}
 }
+
+func errorsIsCanceled(err error) bool { return errors.Is(err, context.Canceled) }

@@ -115,8 +115,10 @@ func openFDs(t *testing.T) int {
 	return len(ents)
 }
 
-// TestFadviseFillsPageCache checks that fadvise mode brings the file into the page cache: the file's
-// pages are dropped first, and mincore shows them back after the warm-up.
+// TestFadviseFillsPageCache checks what fadvise mode promises: WILLNEED advice is issued for every
+// byte of the file, once, and the advised pages do start arriving in the page cache. It does not
+// wait for all of them: the kernel may drop or cut short read-ahead under memory pressure or on a
+// busy machine (the mode's documented limit), so "every page resident" is not a promise.
 func TestFadviseFillsPageCache(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -134,22 +136,31 @@ func TestFadviseFillsPageCache(t *testing.T) {
 	if err := unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_DONTNEED); err != nil {
 		t.Fatal(err)
 	}
-	if r := resident(t, f, size); r > size/2 {
-		t.Fatalf("%d of %d bytes still cached after FADV_DONTNEED: cannot test", r, size)
+	before := resident(t, f, size)
+	if before > size/2 {
+		t.Fatalf("%d of %d bytes still cached after FADV_DONTNEED: cannot test", before, size)
 	}
-	w, err := New(zaptest.NewLogger(t), WithMode(ModeFadvise))
+	w, err := New(zaptest.NewLogger(t), WithMode(ModeFadvise), WithBlockSize(256<<10))
 	if err != nil {
 		t.Fatal(err)
 	}
+	log := newReadLog()
+	w.onRead = log.hook
 	st, err := w.Warm(t.Context(), Target{Name: "fadvise", Dirs: []string{dir}})
 	if err != nil || st.Bytes != size {
 		t.Fatalf("Warm = %+v, %v; want %d bytes advised", st, err, size)
 	}
-	// WILLNEED starts the reads and does not wait for them: give them until the deadline.
-	deadline := time.Now().Add(30 * time.Second)
-	for resident(t, f, size) < size {
+	// Advice for every byte range, none twice.
+	checkExactlyOnce(t, expectedReads(t, dir), log.byInode(t))
+	if want := int64(size / (256 << 10)); st.Requests != want {
+		t.Errorf("%d advise calls, want %d (one per block)", st.Requests, want)
+	}
+	// Pages arrive: more of the file is resident than before the advice. WILLNEED starts the reads
+	// and does not wait for them; the deadline only bounds a kernel that ignores the advice.
+	deadline := time.Now().Add(time.Minute)
+	for resident(t, f, size) <= before {
 		if time.Now().After(deadline) {
-			t.Fatalf("after fadvise mode only %d of %d bytes are in the page cache", resident(t, f, size), size)
+			t.Fatalf("no page of the advised file arrived in the page cache (%d of %d bytes resident)", resident(t, f, size), size)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

@@ -31,11 +31,12 @@ func Results() []Result {
 // Observer receives the warm-up's progress, for metrics. Its methods are called from many worker
 // goroutines at once: they must be safe for concurrent use and cheap (no I/O, no blocking).
 type Observer interface {
-	// AddBytes records n bytes read (read mode) or advised (fadvise mode); called once per block.
+	// AddBytes records n file bytes read (read mode) or advised (fadvise mode), once per block; in
+	// extents mode, once per file when all its blocks were read from the device.
 	AddBytes(n int64)
 	// AddFile records the result for one directory entry (or one priority path).
 	AddFile(r Result)
-	// ObserveImage records one finished Warm call: the image name and how long it took.
+	// ObserveImage records one finished image (of Warm or WarmAll): its name and how long it took.
 	ObserveImage(image string, seconds float64)
 }
 

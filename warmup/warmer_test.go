@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -56,7 +57,12 @@ var _ Observer = (*countingObserver)(nil)
 // outside them that must stay untouched. It returns upper, lower (top-most first) and outside.
 func hostileTree(t *testing.T) (upper, lower, outside string) {
 	t.Helper()
-	root := t.TempDir()
+	return hostileTreeAt(t, t.TempDir())
+}
+
+// hostileTreeAt lays out the hostile tree beneath root.
+func hostileTreeAt(t *testing.T, root string) (upper, lower, outside string) {
+	t.Helper()
 	upper, lower, outside = filepath.Join(root, "upper"), filepath.Join(root, "lower"), filepath.Join(root, "outside")
 
 	writeFile(t, filepath.Join(outside, "witness.bin"), 64<<10)
@@ -136,7 +142,8 @@ func TestWarmHostileTree(t *testing.T) {
 				}
 			}
 			wantStats := Stats{
-				Image: "hostile", Files: 10, Bytes: wantBytes, Layers: 2, Duplicates: 2,
+				Image: "hostile", Mode: mode, Files: 10, Bytes: wantBytes, Layers: 2, Duplicates: 2,
+				Requests: log.count(), BytesRequested: wantBytes,
 				Skipped: Skipped{Symlinks: 7, Special: 4, Whiteouts: 2},
 			}
 			got := st
@@ -285,6 +292,25 @@ func TestUnopenableFileCounted(t *testing.T) {
 	requireRoot(t)
 	t.Parallel()
 	dir := t.TempDir()
+	writeFile(t, filepath.Join(dir, "open.bin"), 5000)
+	writeFile(t, filepath.Join(dir, "locked.bin"), 7000)
+	if err := os.Chmod(filepath.Join(dir, "locked.bin"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(dir, "lockeddir"), 0); err != nil {
+		t.Fatal(err)
+	}
+
+	st := warmAsNobody(t, ModeRead, dir)
+	// One file read, the mode-000 file and the mode-000 directory counted as errors.
+	if st.Files != 1 || st.Bytes != 5000 || st.Skipped.Errors != 2 {
+		t.Errorf("as nobody: files %d bytes %d errors %d, want 1, 5000, 2", st.Files, st.Bytes, st.Skipped.Errors)
+	}
+}
+
+// searchable lets other users enter dir and the directories above it.
+func searchable(t *testing.T, dir string) {
+	t.Helper()
 	for d := dir; d != "/"; d = filepath.Dir(d) {
 		fi, err := os.Stat(d)
 		if err != nil {
@@ -296,15 +322,12 @@ func TestUnopenableFileCounted(t *testing.T) {
 			}
 		}
 	}
-	writeFile(t, filepath.Join(dir, "open.bin"), 5000)
-	writeFile(t, filepath.Join(dir, "locked.bin"), 7000)
-	if err := os.Chmod(filepath.Join(dir, "locked.bin"), 0); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Mkdir(filepath.Join(dir, "lockeddir"), 0); err != nil {
-		t.Fatal(err)
-	}
+}
 
+// warmAsNobody warms dirs in a child process of the test binary running as user nobody, and
+// returns its Stats.
+func warmAsNobody(t *testing.T, mode Mode, dirs ...string) Stats {
+	t.Helper()
 	// The test binary lives in a directory only root may enter: run a copy.
 	self, err := os.Executable()
 	if err != nil {
@@ -318,11 +341,11 @@ func TestUnopenableFileCounted(t *testing.T) {
 	if err := os.WriteFile(exe, bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Chmod(filepath.Dir(exe), 0o755); err != nil {
-		t.Fatal(err)
+	for _, d := range append([]string{filepath.Dir(exe)}, dirs...) {
+		searchable(t, d)
 	}
 	cmd := exec.CommandContext(t.Context(), exe)
-	cmd.Env = append(os.Environ(), helperEnv+"="+dir)
+	cmd.Env = append(os.Environ(), helperEnv+"="+strings.Join(dirs, ":"), helperModeEnv+"="+string(mode))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	out, err := cmd.Output()
 	if err != nil {
@@ -336,10 +359,7 @@ func TestUnopenableFileCounted(t *testing.T) {
 	if err := json.Unmarshal(out, &st); err != nil {
 		t.Fatalf("helper output %q: %v", out, err)
 	}
-	// One file read, the mode-000 file and the mode-000 directory counted as errors.
-	if st.Files != 1 || st.Bytes != 5000 || st.Skipped.Errors != 2 {
-		t.Errorf("as nobody: files %d bytes %d errors %d, want 1, 5000, 2", st.Files, st.Bytes, st.Skipped.Errors)
-	}
+	return st
 }
 
 func TestWarmSharedLayersAndInodes(t *testing.T) {
@@ -505,6 +525,8 @@ func TestNewValidates(t *testing.T) {
 		{"negative rate", WithRate(-1)},
 		{"negative budget", WithBudget(-1)},
 		{"nil observer", WithObserver(nil)},
+		{"negative merge gap", WithMergeGap(-1)},
+		{"huge merge gap", WithMergeGap(1 << 30)},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -521,7 +543,7 @@ func TestNewValidates(t *testing.T) {
 
 func TestParseMode(t *testing.T) {
 	t.Parallel()
-	for in, want := range map[string]Mode{"read": ModeRead, "fadvise": ModeFadvise, "": "", "READ": "", "mmap": ""} {
+	for in, want := range map[string]Mode{"read": ModeRead, "fadvise": ModeFadvise, "extents": ModeExtents, "auto": ModeAuto, "": "", "READ": "", "mmap": ""} {
 		got, err := ParseMode(in)
 		if got != want || (err == nil) != (want != "") {
 			t.Errorf("ParseMode(%q) = %q, %v", in, got, err)

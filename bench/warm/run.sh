@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # bench/warm/run.sh: the warm-up benchmark (make bench-warm). Needs root, FUSE and loop devices,
-# and the Debian packages nbdkit, libnbd-bin (nbdfuse), fuse3, vmtouch and fio.
+# and the Debian packages nbdkit, libnbd-bin (nbdfuse), fuse3, vmtouch, fio and bc.
 #
 # It models an EBS volume restored from a snapshot: a block device whose first read of a block is
 # slow (DELAY per request, requests in parallel overlap) and later reads are fast (see stack.sh).
 # The device holds an ext4 file system with a fake containerd overlayfs snapshot tree (files of
 # realistic sizes, laid out by warmdriver gen; running containerd here would only add minutes of
-# unpacking: the warm-up sees the same directories either way). Two images' layers (snapshots 1, 2,
-# 3) are to be warmed; snapshot 9 stands for everything else on the volume.
+# unpacking: the warm-up sees the same directories either way). Issue 13's heavier set:
+#   A = snapshots 3, 2, 1: ~22k files, ~490 MiB      B = snapshot 4: 40k small files, ~156 MiB
+#   C = snapshots 5, 1: a 2 GiB file (and A's base layer, shared)
+# Snapshot 9 stands for everything else on the volume (only fio reads it).
 #
-# Each contender starts on a fresh stack (cold slow layer, empty page cache) and is timed; the
-# table gives wall time, the bytes the contender had to read, the bytes that reached the slow layer,
-# and MiB/s (slow-layer bytes per second).
+# Each contender starts on a fresh stack (cold slow layer, empty page cache) and is timed. The
+# prepull contenders run bench/warm/warmdriver, which drives the warmup package the way the CLI
+# does (Warm per image, one after another: "seq") or with WarmAll ("all").
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export WORK=${WORK:-/var/tmp/prepull-bench-warm}
-export DELAY=${DELAY:-4ms}
+export DISK=$WORK/disk-v2.img
+export DELAY=${DELAY:-5ms}
 # shellcheck source=stack.sh
 source "$HERE/stack.sh"
 
@@ -27,24 +30,34 @@ need nbdfuse libnbd-bin
 need fusermount3 fuse3
 need vmtouch vmtouch
 need fio fio
+need bc bc
 [[ $(id -u) == 0 ]] || { echo "bench-warm: needs root (loop devices, mount, drop_caches)" >&2; exit 1; }
 
 mkdir -p "$WORK"
 trap 'stack_down >/dev/null 2>&1 || true' EXIT
 go build -o "$WORK/warmdriver" "$ROOT/bench/warm/warmdriver"
+# "today": the warm-up as it was before issue 13 (Readdir + lstat per entry, one image after
+# another), built from BASE_REV. Its warmdriver warms one image per process.
+BASE_REV=${BASE_REV:-5214277}
+rm -rf "$WORK/base-src" && mkdir -p "$WORK/base-src"
+git -C "$ROOT" archive "$BASE_REV" | tar -x -C "$WORK/base-src"
+(cd "$WORK/base-src" && go build -o "$WORK/warmdriver-base" ./bench/warm/warmdriver)
 
-if [[ ! -s $WORK/disk.img ]]; then
-	echo "laying out the snapshot tree and the 2 GiB ext4 image in $WORK ..." >&2
-	rm -rf "$WORK/tree"
+if [[ ! -s $DISK && -z ${TABLE_ONLY:-} ]]; then
+	echo "laying out the snapshot tree and the 4 GiB ext4 image in $WORK ..." >&2
+	rm -rf "$WORK/tree" "$WORK/disk.img"
 	"$WORK/warmdriver" gen "$WORK/tree"
-	mkfs.ext4 -q -F -d "$WORK/tree" -E lazy_itable_init=0,lazy_journal_init=0 "$WORK/disk.img" 2G
+	mkfs.ext4 -q -F -d "$WORK/tree" -E lazy_itable_init=0,lazy_journal_init=0 "$DISK.tmp" 4G
+	mv "$DISK.tmp" "$DISK"
 	rm -rf "$WORK/tree"
 fi
 
 M=$WORK/mnt/snapshots
-DIRS=("$M/3/fs" "$M/2/fs" "$M/1/fs")
+A="A=$M/3/fs:$M/2/fs:$M/1/fs"
+B="B=$M/4/fs"
+C="C=$M/5/fs:$M/1/fs"
+LAYERS=("$M/1/fs" "$M/2/fs" "$M/3/fs" "$M/4/fs" "$M/5/fs")
 RESULTS=$WORK/results.tsv
-: >"$RESULTS"
 
 # contender NAME NEEDED_MIB CMD...
 contender() {
@@ -53,34 +66,71 @@ contender() {
 	stack_up
 	local t0 t1
 	t0=$(date +%s.%N)
-	"$@" >"$WORK/$name.out" 2>&1 || { echo "bench-warm: $name failed:" >&2; cat "$WORK/$name.out" >&2; exit 1; }
+	"$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || { echo "bench-warm: $name failed:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
 	t1=$(date +%s.%N)
 	local slow
 	slow=$(stack_down)
 	printf '%s\t%s\t%s\t%s\n' "$name" "$(echo "$t1 - $t0" | bc -l)" "$needed" "$slow" >>"$RESULTS"
-	echo "$name done" >&2
+	echo "$name done: $(echo "$t1 - $t0" | bc -l) s" >&2
 }
 
-# The images' data: what every file-level contender must read (from a warm run's stats).
+# The images' data: what every file-level contender must read.
 MOUNT_FS=1 stack_up
-IMG_MIB=$(du -s --block-size=1M --apparent-size "${DIRS[@]}" | awk '{s += $1} END {print s}')
-DEV_MIB=$(( $(blockdev --getsize64 "$(cat "$WORK/loopdev")") >> 20 ))
+IMG_MIB=$(du -s --block-size=1M --apparent-size "${LAYERS[@]}" | awk '{s += $1} END {print s}')
+B_MIB=$(du -s --block-size=1M --apparent-size "$M/4/fs" | awk '{print $1}')
+DEV_MIB=$(($(blockdev --getsize64 "$(cat "$WORK/loopdev")") >> 20))
 stack_down >/dev/null
 
-contender "prepull-warm" "$IMG_MIB" "$WORK/warmdriver" warm "${DIRS[@]}"
-contender "prepull-warm-fadvise" "$IMG_MIB" bash -c "'$WORK/warmdriver' warm -mode fadvise ${DIRS[*]} && vmtouch -tq ${DIRS[*]}"
-contender "vmtouch-t" "$IMG_MIB" vmtouch -t "${DIRS[@]}"
-contender "find-cat" "$IMG_MIB" bash -c 'find "$@" -type f -exec cat {} + >/dev/null' _ "${DIRS[@]}"
+if [[ -z ${TABLE_ONLY:-} ]]; then
+: >"$RESULTS"
+WD=("$WORK/warmdriver" warm)
+BASE="$WORK/warmdriver-base"
+dirs() { tr ':' ' ' <<<"${1#*=}"; }
+# shellcheck disable=SC2046
+contender "today-read-seq" "$IMG_MIB" bash -c "'$BASE' warm $(dirs "$A") && '$BASE' warm $(dirs "$B") && '$BASE' warm $(dirs "$C")"
+contender "prepull-read-all" "$IMG_MIB" "${WD[@]}" -mode read -all "$A" "$B" "$C"
+contender "prepull-extents-all" "$IMG_MIB" "${WD[@]}" -mode extents -all "$A" "$B" "$C"
+contender "vmtouch-t" "$IMG_MIB" vmtouch -t "${LAYERS[@]}"
 contender "fio-device" "$DEV_MIB" bash -c 'fio --name=warm --filename="$(cat "$WORK/loopdev")" --rw=read --bs=1M --iodepth=32 --direct=1 --ioengine=libaio --readonly --output-format=terse >/dev/null'
+contender "today-read-B-alone" "$B_MIB" "$BASE" warm "$(dirs "$B")"
+contender "prepull-read-B-alone" "$B_MIB" "${WD[@]}" -mode read "$B"
+contender "prepull-extents-B-alone" "$B_MIB" "${WD[@]}" -mode extents "$B"
+
+fi
+
+# jget JSON-LINE KEY: a scalar of a flat JSON object.
+jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 
 {
-	echo "slow layer: nbdkit delay-read=$DELAY per request, cow-on-read hydration; images: ${IMG_MIB} MiB in 3 layers; device: ${DEV_MIB} MiB"
-	printf '| %-22s | %8s | %12s | %15s | %9s | %15s |\n' contender "wall s" "needed MiB" "slow-layer MiB" "MiB/s" "vs vmtouch -t"
-	printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------" "----------" "--------------" "-----------------" "-----------" "-----------------"
+	echo "slow layer: nbdkit delay-read=$DELAY per request, cow-on-read hydration; images A+B+C: ${IMG_MIB} MiB in 5 layers; device: ${DEV_MIB} MiB; $(nproc) cores"
+	printf '| %-23s | %7s | %7s | %8s | %7s | %9s | %11s | %6s | %6s | %6s | %5s | %6s |\n' \
+		contender "wall s" "needed" "slow MiB" "MiB/s" "vs vmtouch" "req'd MiB/s" "A s" "B s" "C s" "CPU%" "RSS MiB"
+	printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' -------------------------  --------- --------- ---------- --------- ----------- ------------- -------- -------- -------- ------- --------
 	vm=$(awk -F'\t' '$1 == "vmtouch-t" {print $2}' "$RESULTS")
 	while IFS=$'\t' read -r name wall needed slow; do
-		printf '| %-22s | %8.2f | %12d | %15.1f | %9.1f | %14.2fx |\n' "$name" "$wall" "$needed" "$slow" \
-			"$(echo "$needed / $wall" | bc -l)" "$(echo "$vm / $wall" | bc -l)"
+		req="-" a="-" b="-" c="-" cpu="-" rss="-" vs="-"
+		# vmtouch -t read the whole set: compare only contenders that did too.
+		[[ $name == *-alone ]] || vs=$(printf '%.2fx' "$(echo "$vm / $wall" | bc -l)")
+		if [[ $name == prepull-* ]]; then
+			all=$(grep '"image":"ALL"' "$WORK/$name.out")
+			req=$(printf '%.1f' "$(echo "$(jget "$all" bytes_requested) / 1048576 / $wall" | bc -l)")
+			cpu=$(printf '%.1f' "$(jget "$all" cpu_percent_of_one_core)")
+			rss=$(printf '%.0f' "$(jget "$all" max_rss_mib)")
+			for img in A B C; do
+				line=$(grep "\"image\":\"$img\"" "$WORK/$name.out" || true)
+				[[ -n $line ]] && printf -v "${img,,}" '%.1f' "$(jget "$line" seconds)"
+			done
+		elif [[ $name == fio-device ]]; then
+			req=$(printf '%.1f' "$(echo "$needed / $wall" | bc -l)")
+		fi
+		printf '| %-23s | %7.2f | %7d | %8.1f | %7.1f | %10s | %11s | %6s | %6s | %6s | %5s | %6s |\n' "$name" "$wall" "$needed" "$slow" \
+			"$(echo "$needed / $wall" | bc -l)" "$vs" "$req" "$a" "$b" "$c" "$cpu" "$rss"
 	done <"$RESULTS"
-	echo "MiB/s = needed MiB / wall s (what the contender had to read per second). fio reads the whole device."
+	echo
+	echo "needed: MiB the contender had to read (fio: the whole device); MiB/s = needed / wall; req'd MiB/s: bytes"
+	echo "requested per second (prepull: Stats.BytesRequested, including merged gaps; fio: its reads); A/B/C s: each"
+	echo "image's Stats.Duration (from the start of the run); CPU%: warmdriver's user+system time / wall; RSS: its peak."
+	echo "today = the warm-up before issue 13 (BASE_REV $BASE_REV: Readdir with an lstat per entry, images one after"
+	echo "another, one process each); all = WarmAll of this tree. B-alone: the 40k-small-file image by itself."
 } | tee "$WORK/table.md"
+cp "$WORK/table.md" "$HERE/last-run.md"

@@ -10,13 +10,13 @@
 # turns it into a block device, and ext4 is mounted read-only on it.
 set -euo pipefail
 
-: "${WORK:?}" "${DELAY:=4ms}" "${NBD_THREADS:=64}" "${NBD_CONNS:=8}"
+: "${WORK:?}" "${DISK:=$WORK/disk.img}" "${DELAY:=5ms}" "${NBD_THREADS:=64}" "${NBD_CONNS:=8}"
 
 stack_up() {
 	mkdir -p "$WORK/fuse" "$WORK/mnt" "$WORK/cache"
 	rm -f "$WORK/stats.txt" "$WORK/nbd.sock"
 	TMPDIR="$WORK/cache" setsid nbdkit -r -f -U "$WORK/nbd.sock" --threads "$NBD_THREADS" -P "$WORK/nbdkit.pid" \
-		--filter=cow --filter=stats --filter=delay file "$WORK/disk.img" \
+		--filter=cow --filter=stats --filter=delay file "$DISK" \
 		cow-on-read=true delay-read="$DELAY" statsfile="$WORK/stats.txt" >"$WORK/nbdkit.log" 2>&1 &
 	for _ in $(seq 100); do [[ -S $WORK/nbd.sock ]] && break; sleep 0.1; done
 	[[ -S $WORK/nbd.sock ]] || { cat "$WORK/nbdkit.log" >&2; return 1; }

@@ -1,6 +1,7 @@
 // Command warmdriver drives the warm-up benchmark (bench/warm/run.sh): "gen" lays out a fake
 // containerd overlayfs snapshot tree with files of realistic sizes, "warm" runs warmup.Warmer over
-// layer directories and prints its Stats as one JSON line.
+// images (one after another with Warm, as the CLI did, or all at once with WarmAll) and prints one
+// JSON line per image and one for the whole run (wall time, CPU, peak memory).
 package main
 
 import (
@@ -14,7 +15,9 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -30,7 +33,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: warmdriver gen ROOT | warmdriver warm [flags] DIR...")
+		return errors.New("usage: warmdriver gen ROOT | warmdriver warm [flags] NAME=DIR[:DIR...]...")
 	}
 	switch args[0] {
 	case "gen":
@@ -53,13 +56,17 @@ type layer struct {
 	big      []int
 }
 
-// The tree: two images sharing a base layer, plus snapshots of images not in the manifest (the
-// rest of the volume, which only fio reads).
+// The tree (issue 13's heavier model): image A = snapshots 3, 2, 1 (~22k files, ~490 MiB);
+// image B = snapshot 4 (40k small files, ~156 MiB); image C = snapshots 5, 1 (a 2 GiB file, and
+// A's base layer, shared). Snapshot 9 stands for images not in the manifest (the rest of the
+// volume, which only fio reads).
 var layers = []layer{
-	{id: "1", count: 3000, min: 512, max: 256 << 10, big: []int{24 << 20, 40 << 20}},  // base OS layer
-	{id: "2", count: 12000, min: 256, max: 128 << 10, big: []int{64 << 20, 96 << 20}}, // python + libs
-	{id: "3", count: 200, min: 1 << 10, max: 64 << 10, big: []int{160 << 20}},         // model weights
-	{id: "9", count: 2000, min: 4 << 10, max: 1 << 20, big: []int{256 << 20}},         // other images
+	{id: "1", count: 6000, min: 256, max: 64 << 10, big: []int{24 << 20, 40 << 20}}, // base OS layer
+	{id: "2", count: 15800, min: 256, max: 64 << 10, big: []int{64 << 20}},          // python + libs
+	{id: "3", count: 200, min: 1 << 10, max: 64 << 10, big: []int{112 << 20}},       // model weights
+	{id: "4", count: 40000, min: 256, max: 17 << 10},                                // many small files
+	{id: "5", count: 100, min: 1 << 10, max: 64 << 10, big: []int{2 << 30}},         // one 2 GiB file
+	{id: "9", count: 1000, min: 4 << 10, max: 1 << 20},                              // other images
 }
 
 func gen(root string) error {
@@ -110,7 +117,8 @@ func write(p string, size int, buf []byte, r *rand.Rand) error {
 
 func warm(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("warm", flag.ContinueOnError)
-	mode := fs.String("mode", "read", "read or fadvise")
+	mode := fs.String("mode", "read", "auto, extents, read or fadvise")
+	all := fs.Bool("all", false, "warm all images at once with WarmAll (default: one after another with Warm)")
 	workers := fs.Int("workers", warmup.DefaultWorkers, "parallel readers")
 	block := fs.Int("block-size", warmup.DefaultBlockSize, "read size in bytes")
 	if err := fs.Parse(args); err != nil {
@@ -120,18 +128,68 @@ func warm(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	var targets []warmup.Target
+	for _, a := range fs.Args() {
+		name, dirs, ok := strings.Cut(a, "=")
+		if !ok {
+			name, dirs = a, a
+		}
+		targets = append(targets, warmup.Target{Name: name, Dirs: strings.Split(dirs, ":")})
+	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	w, err := warmup.New(zap.NewNop(), warmup.WithMode(m), warmup.WithWorkers(*workers), warmup.WithBlockSize(*block))
+	log, err := zap.NewProduction()
 	if err != nil {
 		return err
 	}
-	st, err := w.Warm(ctx, warmup.Target{Name: "bench", Dirs: fs.Args()})
+	w, err := warmup.New(log, warmup.WithMode(m), warmup.WithWorkers(*workers), warmup.WithBlockSize(*block))
 	if err != nil {
 		return err
 	}
-	return json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"files": st.Files, "bytes": st.Bytes, "seconds": st.Duration.Seconds(), "mib_per_second": st.MiBPerSecond(),
-		"skipped": st.Skipped, "duplicates": st.Duplicates,
-	})
+	start := time.Now()
+	var outs []warmup.Outcome
+	if *all {
+		outs = w.WarmAll(ctx, targets)
+	} else {
+		for _, t := range targets {
+			st, err := w.Warm(ctx, t)
+			outs = append(outs, warmup.Outcome{Stats: st, Err: err})
+		}
+	}
+	wall := time.Since(start)
+	enc := json.NewEncoder(os.Stdout)
+	var errs []error
+	var sum struct{ files, bytes, requests, requested int64 }
+	for _, o := range outs {
+		st := o.Stats
+		if o.Err != nil {
+			errs = append(errs, o.Err)
+		}
+		sum.files += st.Files
+		sum.bytes += st.Bytes
+		sum.requests += st.Requests
+		sum.requested += st.BytesRequested
+		if err := enc.Encode(map[string]any{
+			"image": st.Image, "mode": st.Mode, "fallback_reason": st.FallbackReason,
+			"files": st.Files, "bytes": st.Bytes, "requests": st.Requests, "bytes_requested": st.BytesRequested,
+			"seconds": st.Duration.Seconds(), "mib_per_second": st.MiBPerSecond(), "changed": st.Changed,
+			"shared_layers": st.SharedLayers, "skipped": st.Skipped, "duplicates": st.Duplicates,
+		}); err != nil {
+			return err
+		}
+	}
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return err
+	}
+	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	if err := enc.Encode(map[string]any{
+		"image": "ALL", "seconds": wall.Seconds(), "files": sum.files, "bytes": sum.bytes,
+		"requests": sum.requests, "bytes_requested": sum.requested,
+		"cpu_user_seconds": time.Duration(ru.Utime.Nano()).Seconds(), "cpu_system_seconds": time.Duration(ru.Stime.Nano()).Seconds(),
+		"cpu_percent_of_one_core": 100 * cpu.Seconds() / wall.Seconds(), "max_rss_mib": float64(ru.Maxrss) / 1024,
+	}); err != nil {
+		return err
+	}
+	return errors.Join(errs...)
 }
