@@ -31,6 +31,10 @@ type Set struct {
 	warmDuration prometheus.Histogram
 	warmBytes    prometheus.Counter
 	warmFiles    *prometheus.CounterVec
+	warmImages   *prometheus.CounterVec
+	warmRequests prometheus.Counter
+	warmAsked    prometheus.Counter
+	warmFallback *prometheus.CounterVec
 
 	layers        *prometheus.CounterVec
 	layerSeconds  *prometheus.HistogramVec
@@ -112,6 +116,22 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 			Name: "prepull_applier_fallbacks_total",
 			Help: "Layers applied by containerd's applier instead of prepull's, by reason: " + fallbackReasonList() + ".",
 		}, []string{"reason"}),
+		warmImages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_warmup_images_total",
+			Help: "Images warmed, by the mode that warmed them: extents, read, fadvise.",
+		}, []string{"mode"}),
+		warmRequests: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "prepull_warmup_device_requests_total",
+			Help: "Block-device reads issued by extents mode.",
+		}),
+		warmAsked: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "prepull_warmup_device_requested_bytes_total",
+			Help: "Bytes read from the block device by extents mode: file bytes plus the gaps merged between them (compare prepull_warmup_bytes_total).",
+		}),
+		warmFallback: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "prepull_warmup_fallbacks_total",
+			Help: "Images that extents mode (or auto) read through the file system instead, by reason: " + strings.Join(warmup.FallbackReasons(), ", ") + ".",
+		}, []string{"reason"}),
 		images: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "prepull_images",
 			Help: "Manifest images by state after the last run or reconcile: ready, missing, failed, unpinned.",
@@ -154,7 +174,11 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 		}, []string{"version", "go_version", "containerd_version", "snapshotter"}),
 		perImage: perImage,
 	}
-	reg.MustRegister(m.layers, m.layerSeconds, m.layerBytes, m.layerFallback)
+	reg.MustRegister(m.layers, m.layerSeconds, m.layerBytes, m.layerFallback,
+		m.warmImages, m.warmRequests, m.warmAsked, m.warmFallback)
+	for _, mode := range []warmup.Mode{warmup.ModeExtents, warmup.ModeRead, warmup.ModeFadvise} {
+		m.warmImages.WithLabelValues(string(mode))
+	}
 	for _, a := range []string{applier.NamePrepull, applier.NameContainerd} {
 		m.layerSeconds.WithLabelValues(a)
 		m.layerBytes.WithLabelValues(a)
@@ -263,7 +287,17 @@ func (m *Set) AddBytes(n int64) { m.warmBytes.Add(float64(n)) }
 func (m *Set) AddFile(r warmup.Result) { m.warmFiles.WithLabelValues(string(r)).Inc() }
 
 // ObserveImage implements warmup.Observer.
-func (m *Set) ObserveImage(_ string, seconds float64) { m.warmDuration.Observe(seconds) }
+func (m *Set) ObserveImage(st warmup.Stats) {
+	m.warmDuration.Observe(st.Duration.Seconds())
+	if st.Mode != "" {
+		m.warmImages.WithLabelValues(string(st.Mode)).Inc()
+	}
+	m.warmRequests.Add(float64(st.Requests))
+	m.warmAsked.Add(float64(st.BytesRequested))
+	if st.FallbackReason != "" {
+		m.warmFallback.WithLabelValues(st.FallbackReason).Inc()
+	}
+}
 
 // TokenRequest implements ecrauth.Observer.
 func (m *Set) TokenRequest(api, result string) { m.tokens.WithLabelValues(api, result).Inc() }

@@ -29,7 +29,7 @@ func TestMetricsLintAndTextfile(t *testing.T) {
 	m.AddBytes(5 << 20)
 	m.AddFile(warmup.ResultRead)
 	m.AddFile(warmup.ResultSymlink)
-	m.ObserveImage("x", 3)
+	m.ObserveImage(warmup.Stats{Image: "x", Duration: 3 * time.Second, Mode: warmup.ModeRead, FallbackReason: warmup.FallbackDeviceMapper})
 	m.TokenRequest(ecrauth.APIECR, ecrauth.ResultSuccess)
 	m.CacheHit(ecrauth.APIECR)
 	m.TokenRejected(ecrauth.APIECR)

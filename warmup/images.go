@@ -23,55 +23,51 @@ type Image struct {
 	Priority []string
 }
 
-// Outcome is one image's warm-up result.
-type Outcome struct {
-	Name  string
-	Stats Stats
-	Err   error
-}
-
-// WarmImages warms each image as unpacked for snapshotter: it takes a
-// read-only view of the image (SnapshotDirs), warms its directories, and
-// removes the view. ctx must carry the containerd namespace. A failure is
-// the image's own; the others go on. Outcomes are in the order of imgs.
+// WarmImages warms images as unpacked for snapshotter, all at once on the
+// Warmer's pool (WarmAll): it takes a read-only view of each image
+// (SnapshotDirs), warms their directories, and removes the views once every
+// image is done. ctx must carry the containerd namespace. A failure is the
+// image's own; the others go on. Outcomes are in the order of imgs, each
+// named by its Stats.Image.
 func (w *Warmer) WarmImages(ctx context.Context, client *containerd.Client, snapshotter string, imgs []Image) []Outcome {
 	out := make([]Outcome, len(imgs))
+	var targets []Target
+	var slot []int // targets[i]'s index in out
 	for i, img := range imgs {
-		out[i] = Outcome{Name: img.Name}
+		out[i] = Outcome{Stats: Stats{Image: img.Name}}
 		if err := ctx.Err(); err != nil {
 			out[i].Err = fmt.Errorf("warm %s: %w", img.Name, err)
 			continue
 		}
-		out[i].Stats, out[i].Err = w.warmImage(ctx, client, snapshotter, img)
-		if out[i].Err != nil {
-			w.log.Error("image not warmed", zap.String("image", img.Name), zap.Error(out[i].Err),
-				zap.Int64("files", out[i].Stats.Files), zap.Int64("bytes", out[i].Stats.Bytes))
+		dirs, cleanup, err := SnapshotDirs(ctx, client, snapshotter, img.Image)
+		if err != nil {
+			out[i].Err = fmt.Errorf("warm %s: %w", img.Name, err)
+			continue
+		}
+		defer func() {
+			if err := cleanup(context.WithoutCancel(ctx)); err != nil {
+				w.log.Warn("remove warm-up view", zap.String("image", img.Name), zap.Error(err))
+			}
+		}()
+		prio := img.Priority
+		if len(prio) == 0 {
+			if spec, err := img.Image.Spec(ctx); err == nil {
+				prio = EntrypointPaths(spec.Config)
+			}
+		}
+		targets = append(targets, Target{Name: img.Name, Dirs: dirs, Priority: prio})
+		slot = append(slot, i)
+	}
+	for i, o := range w.WarmAll(ctx, targets) {
+		out[slot[i]] = o // o.Err names the image already, as Warm's does
+	}
+	for _, o := range out {
+		if o.Err != nil {
+			w.log.Error("image not warmed", zap.String("image", o.Stats.Image), zap.Error(o.Err),
+				zap.Int64("files", o.Stats.Files), zap.Int64("bytes", o.Stats.Bytes))
 		}
 	}
 	return out
-}
-
-func (w *Warmer) warmImage(ctx context.Context, client *containerd.Client, snapshotter string, img Image) (Stats, error) {
-	dirs, cleanup, err := SnapshotDirs(ctx, client, snapshotter, img.Image)
-	if err != nil {
-		return Stats{Image: img.Name}, fmt.Errorf("warm %s: %w", img.Name, err)
-	}
-	defer func() {
-		if err := cleanup(context.WithoutCancel(ctx)); err != nil {
-			w.log.Warn("remove warm-up view", zap.String("image", img.Name), zap.Error(err))
-		}
-	}()
-	prio := img.Priority
-	if len(prio) == 0 {
-		if spec, err := img.Image.Spec(ctx); err == nil {
-			prio = EntrypointPaths(spec.Config)
-		}
-	}
-	st, err := w.Warm(ctx, Target{Name: img.Name, Dirs: dirs, Priority: prio})
-	if err != nil {
-		err = fmt.Errorf("warm %s: %w", img.Name, err)
-	}
-	return st, err
 }
 
 // EntrypointPaths turns an image config into the paths its first argument

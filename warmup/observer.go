@@ -28,6 +28,12 @@ func Results() []Result {
 	return []Result{ResultRead, ResultSymlink, ResultSpecial, ResultWhiteout, ResultDuplicate, ResultBudget, ResultError}
 }
 
+// FallbackReasons lists every Stats.FallbackReason extents mode can give,
+// for metrics.
+func FallbackReasons() []string {
+	return []string{FallbackNoBlockDevice, FallbackDeviceMapper, FallbackStackedDevice, FallbackDeviceNotFound, FallbackDeviceOpen, FallbackFiemap}
+}
+
 // Observer receives the warm-up's progress, for metrics. Its methods are called from many worker
 // goroutines at once: they must be safe for concurrent use and cheap (no I/O, no blocking).
 type Observer interface {
@@ -36,14 +42,15 @@ type Observer interface {
 	AddBytes(n int64)
 	// AddFile records the result for one directory entry (or one priority path).
 	AddFile(r Result)
-	// ObserveImage records one finished image (of Warm or WarmAll): its name and how long it took.
-	ObserveImage(image string, seconds float64)
+	// ObserveImage records one finished image (of Warm or WarmAll) with its Stats: mode, time,
+	// requests and bytes requested, fallback reason.
+	ObserveImage(st Stats)
 }
 
 type nopObserver struct{}
 
-func (nopObserver) AddBytes(int64)               {}
-func (nopObserver) AddFile(Result)               {}
-func (nopObserver) ObserveImage(string, float64) {}
+func (nopObserver) AddBytes(int64)     {}
+func (nopObserver) AddFile(Result)     {}
+func (nopObserver) ObserveImage(Stats) {}
 
 var _ Observer = nopObserver{}

@@ -379,7 +379,7 @@ func (w *Warmer) WarmAll(ctx context.Context, targets []Target) []Outcome {
 			end = c.waitEnd
 		}
 		st.Duration = end.Sub(start)
-		w.cfg.observer.ObserveImage(c.t.Name, st.Duration.Seconds())
+		w.cfg.observer.ObserveImage(st)
 		c.r.log.Info("warmed image",
 			zap.String("mode", string(st.Mode)), zap.String("fallback_reason", st.FallbackReason),
 			zap.Int64("files", st.Files), zap.Int64("bytes", st.Bytes),

@@ -45,10 +45,10 @@ func (o *countingObserver) AddFile(r Result) {
 	o.files[r]++
 }
 
-func (o *countingObserver) ObserveImage(image string, _ float64) {
+func (o *countingObserver) ObserveImage(st Stats) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	o.images = append(o.images, image)
+	o.images = append(o.images, st.Image)
 }
 
 var _ Observer = (*countingObserver)(nil)

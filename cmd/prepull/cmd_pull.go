@@ -110,7 +110,7 @@ func runJob(ctx context.Context, g *globals, m *manifest.List, pull bool, w *war
 	failed := failedRefs(results)
 	for _, wr := range warmed {
 		if wr.Err != nil {
-			failed[wr.Name] = true
+			failed[wr.Stats.Image] = true
 		}
 	}
 	if _, rerr := r.record(ctx, m.Images, failed, phases); rerr != nil {

@@ -28,7 +28,7 @@ type warmFlags struct {
 
 func addWarmFlags(cmd *cobra.Command, w *warmFlags) {
 	fs := cmd.Flags()
-	fs.StringVar(&w.mode, "warm-mode", "read", "read: real reads that hydrate a restored EBS volume; fadvise: POSIX_FADV_WILLNEED (page cache only)")
+	fs.StringVar(&w.mode, "warm-mode", "auto", "auto: extents where the snapshot's block device can be read, else read; extents: the files' blocks from the device in disk order (hydrates a restored EBS volume, not the page cache); read: real reads through the files (also fills the page cache); fadvise: POSIX_FADV_WILLNEED (page cache only)")
 	fs.IntVar(&w.workers, "warm-workers", 32, "parallel readers (a cloud volume wants a deep queue)")
 	fs.StringVar(&w.blockSize, "warm-block-size", "1MiB", "read size")
 	fs.StringVar(&w.rate, "warm-rate", "0", "cap on bytes read per second, e.g. 100MiB (0: no cap), so boot-time warming leaves kubelet room")
@@ -130,7 +130,7 @@ func (r *runner) warm(ctx context.Context, imgs []manifest.Image, wm *warmup.War
 		if !img.Warm {
 			continue
 		}
-		out = append(out, warmup.Outcome{Name: img.Ref})
+		out = append(out, warmup.Outcome{Stats: warmup.Stats{Image: img.Ref}})
 		cimg, err := r.agent.ContainerdImage(ctx, img)
 		if err != nil {
 			out[len(out)-1].Err = fmt.Errorf("warm %s: %w", img.Ref, err)
@@ -164,7 +164,7 @@ func writeWarmResults(w io.Writer, results []warmup.Outcome, elapsed time.Durati
 			failed++
 		}
 		bytes += s.Bytes
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%.1f\t%.0f\t%d\t%d/%d/%d/%d/%d\n", result, r.Name, s.Files, humanBytes(s.Bytes),
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%.1f\t%.0f\t%d\t%d/%d/%d/%d/%d\n", result, r.Stats.Image, s.Files, humanBytes(s.Bytes),
 			s.Duration.Seconds(), s.MiBPerSecond(), s.SharedLayers, s.Skipped.Symlinks, s.Skipped.Special, s.Skipped.Whiteouts, s.Skipped.Errors, s.Skipped.Budget)
 	}
 	_ = tw.Flush()
