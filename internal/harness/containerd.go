@@ -179,6 +179,9 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 	if opts.Version1 {
 		tmpl = configV2
 	}
+	if opts.Version1 && opts.Pods.Runc != "" {
+		return nil, errors.New("harness pods need containerd 2.x (the version 3 configuration)")
+	}
 	pods, err := opts.Pods.config(c.Dir)
 	if err != nil {
 		return nil, err
