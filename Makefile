@@ -29,7 +29,7 @@ build:
 
 # The whole suite: unit and end-to-end tests with the race detector against
 # containerd 2.x, then the core and fault end-to-end tests against 1.7.
-test: deps harness-deps harness-deps-1.7
+test: deps harness-deps ko-dep harness-deps-1.7
 	PREPULL_TEST_BIN_DIR=$(BIN_DIR) $(GO) test -race -count=1 -timeout 25m $(PKGS)
 	$(MAKE) test-matrix
 	$(MAKE) fuzz FUZZTIME=60000x
