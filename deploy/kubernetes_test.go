@@ -138,6 +138,12 @@ func TestKubernetesObjects(t *testing.T) {
 		APIVersion string   `json:"apiVersion"`
 		Kind       string   `json:"kind"`
 		Resources  []string `json:"resources"`
+		Images     []struct {
+			Name    string `json:"name"`
+			NewName string `json:"newName"`
+			NewTag  string `json:"newTag"`
+			Digest  string `json:"digest"`
+		} `json:"images"`
 	}
 	if err := decodeStrict(kust, &k); err != nil {
 		t.Fatalf("kustomization.yaml: %v", err)
@@ -146,6 +152,9 @@ func TestKubernetesObjects(t *testing.T) {
 	slices.Sort(files)
 	if !slices.Equal(k.Resources, files) {
 		t.Errorf("kustomization resources %v, want %v", k.Resources, files)
+	}
+	if _, err := os.Stat("kubernetes/Dockerfile"); err == nil {
+		t.Error("kubernetes/Dockerfile is back: make image builds the image (ko), and nothing tests a Dockerfile")
 	}
 
 	spec := ds.Spec.Template.Spec
@@ -156,6 +165,28 @@ func TestKubernetesObjects(t *testing.T) {
 		t.Fatalf("%d containers, want 1", len(spec.Containers))
 	}
 	c := spec.Containers[0]
+
+	// The image comes from kustomization.yaml's images: (so `kustomize edit
+	// set image prepull=...` works): the container names it bare, one
+	// entry matches it and says where it really is.
+	if strings.ContainsAny(c.Image, ":@/") {
+		t.Errorf("container image %q: want a bare name that kustomization.yaml's images: replaces", c.Image)
+	}
+	matched := 0
+	for _, im := range k.Images {
+		if im.Name == c.Image {
+			matched++
+			if im.NewName == "" || (im.NewTag == "" && im.Digest == "") {
+				t.Errorf("images entry %s: needs newName and newTag or digest", im.Name)
+			}
+		}
+	}
+	if matched != 1 {
+		t.Errorf("%d kustomization images entries match the container image %q, want 1", matched, c.Image)
+	}
+	if c.ImagePullPolicy != corev1.PullIfNotPresent {
+		t.Errorf("imagePullPolicy %q, want IfNotPresent (a tag may be set by kustomize)", c.ImagePullPolicy)
+	}
 
 	// The args follow the CLI contract.
 	flags := checkArgs(t, c.Args)

@@ -66,6 +66,8 @@ type ContainerdOptions struct {
 	DiscardUnpackedLayers bool
 	// Version1 writes a containerd 1.7 configuration (version 2 schema).
 	Version1 bool
+	// Pods configures the CRI to run pods (containerd 2.x only; see pods.go).
+	Pods PodOptions
 }
 
 // Containerd is a running private containerd daemon.
@@ -104,7 +106,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.bt
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "{{.Snapshotter}}"
   discard_unpacked_layers = {{.Discard}}
-`))
+{{.Pods}}`))
 
 var configV2 = template.Must(template.New("v2").Parse(`version = 2
 root = "{{.Root}}"
@@ -164,6 +166,9 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 	c.Root = filepath.Join(c.Dir, "root")
 	c.State = filepath.Join(c.Dir, "state")
 	c.Address = filepath.Join(c.Dir, "c.sock")
+	if opts.Pods.SocketDir != "" {
+		c.Address = filepath.Join(opts.Pods.SocketDir, "containerd.sock")
+	}
 	c.LogPath = filepath.Join(c.Dir, "containerd.log")
 	for _, d := range []string{c.Root, c.State, filepath.Join(c.Dir, "cni"), filepath.Join(c.Dir, "cni-bin")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -174,10 +179,17 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 	if opts.Version1 {
 		tmpl = configV2
 	}
+	if opts.Version1 && opts.Pods.Runc != "" {
+		return nil, errors.New("harness pods need containerd 2.x (the version 3 configuration)")
+	}
+	pods, err := opts.Pods.config(c.Dir)
+	if err != nil {
+		return nil, err
+	}
 	var cfg bytes.Buffer
 	if err := tmpl.Execute(&cfg, map[string]any{
 		"Root": c.Root, "State": c.State, "Address": c.Address, "Dir": c.Dir,
-		"Snapshotter": opts.Snapshotter, "Discard": opts.DiscardUnpackedLayers,
+		"Snapshotter": opts.Snapshotter, "Discard": opts.DiscardUnpackedLayers, "Pods": pods,
 	}); err != nil {
 		return nil, err
 	}
