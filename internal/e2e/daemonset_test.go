@@ -27,7 +27,7 @@ import (
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
-	"github.com/prepull/prepull/agent"
+	"github.com/prepull/prepull/manifest"
 	"github.com/prepull/prepull/internal/harness"
 )
 
@@ -496,7 +496,7 @@ func rehostText(text, host string) string { return hostRE.ReplaceAllString(text,
 // repository and tag on the harness registry.
 func rehost(t *testing.T, n *node, text string) []cmImage {
 	t.Helper()
-	m, err := agent.ParseManifest("manifest.yaml", []byte(rehostText(text, n.reg.Host)))
+	m, err := manifest.Parse("manifest.yaml", []byte(rehostText(text, n.reg.Host)))
 	if err != nil {
 		t.Fatal(err)
 	}
