@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/diff"
@@ -249,7 +250,7 @@ func TestFallback(t *testing.T) {
 
 	_, refMounts := emptyTarget(t)
 	refRoot := strings.TrimPrefix(refMounts[0].Options[1], "upperdir=")
-	fresh := int64(0)
+	fresh := time.Now().Add(-time.Second).UnixNano()
 	if _, err := slow.Apply(t.Context(), desc, refMounts); err != nil {
 		t.Fatal(err)
 	}
