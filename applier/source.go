@@ -25,7 +25,7 @@ const (
 	// chunkSize is the unit the decompressed stream moves in between goroutines; large enough
 	// that a big file is written in 1 MiB write(2)s and channel hand-offs are rare.
 	chunkSize = 1 << 20
-	// chunksInFlight bounds the memory of one Apply's pipeline (chunksInFlight MiB).
+	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks of 1 MiB.
 	chunksInFlight = 6
 	// pipeSize is what igzip's pipes are grown to: at the default 64 KiB the child and Go
 	// ping-pong on every few blocks and igzip runs at a fraction of its speed.
