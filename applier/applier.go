@@ -127,6 +127,9 @@ func (a *Applier) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []m
 	}
 	if err != nil {
 		p.stop()
+		if cerr := ctx.Err(); cerr != nil {
+			err = cerr
+		}
 		if errors.Is(err, ErrUnsupported) {
 			if rerr := t.rollback(x.rootOpaque); rerr != nil {
 				return ocispec.Descriptor{}, fmt.Errorf("undo partial layer after %v: %w", err, rerr)

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/diff"
@@ -249,7 +250,7 @@ func TestFallback(t *testing.T) {
 
 	_, refMounts := emptyTarget(t)
 	refRoot := strings.TrimPrefix(refMounts[0].Options[1], "upperdir=")
-	fresh := int64(0)
+	fresh := time.Now().Add(-time.Second).UnixNano()
 	if _, err := slow.Apply(t.Context(), desc, refMounts); err != nil {
 		t.Fatal(err)
 	}
@@ -355,5 +356,50 @@ func TestCheck(t *testing.T) {
 	// fast path must be allowed; CI runs as root.
 	if err != nil {
 		t.Errorf("root on this host: %v", err)
+	}
+}
+
+// TestLowerSymlinkParent: with the overlayfs snapshotter, an entry x/file whose parent x is a
+// symlink in a lower layer (here to an absolute path outside every root) must not write through
+// the link: containerd makes a real directory x in the new layer, and so must prepull.
+func TestLowerSymlinkParent(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	base := t.TempDir()
+	canary := filepath.Join(base, "canary")
+	mustCanary(t, canary)
+	lower := filepath.Join(base, "lower")
+	if err := os.MkdirAll(lower, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, target := range map[string]string{"x": canary, "y": "../../../../../../../" + canary} {
+		if err := os.Symlink(target, filepath.Join(lower, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := snapshot(t, canary)
+	s := newStore(t)
+	blob, mt := compress(t, tarOf(t, fileE("x/secret", "pwned", 0o644), fileE("y/etc/passwd", "pwned", 0o644)), compGzip)
+	desc := s.add(t, blob, mt)
+	upper, work := filepath.Join(base, "fs"), filepath.Join(base, "work")
+	os.Mkdir(upper, 0o755)
+	os.Mkdir(work, 0o755)
+	mounts := []mount.Mount{{Type: "overlay", Source: "overlay", Options: []string{"workdir=" + work, "upperdir=" + upper, "lowerdir=" + lower}}}
+	if _, err := New(s, zaptest.NewLogger(t)).Apply(t.Context(), desc, mounts); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"x", "y", "y/etc"} {
+		fi, err := os.Lstat(filepath.Join(upper, d))
+		if err != nil || !fi.IsDir() {
+			t.Errorf("%s in the upper layer: %v, want a real directory", d, err)
+		}
+	}
+	for _, f := range []string{"x/secret", "y/etc/passwd"} {
+		if b, err := os.ReadFile(filepath.Join(upper, f)); err != nil || string(b) != "pwned" {
+			t.Errorf("%s: %q, %v", f, b, err)
+		}
+	}
+	if !sameTree(before, snapshot(t, canary)) {
+		t.Errorf("the lower symlink's target changed")
 	}
 }

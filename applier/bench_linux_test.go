@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/diff/apply"
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/klauspost/compress/gzip"
 	digest "github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -287,4 +288,63 @@ func BenchmarkGunzip(b *testing.B) {
 			b.SetBytes(size)
 		})
 	}
+}
+
+// TestApplyOnce applies the layer file PREPULL_APPLY_LAYER once into a new directory under
+// PREPULL_APPLY_INTO and leaves it there, with prepull's applier or, with
+// PREPULL_APPLY_WITH=containerd, containerd's: a process doing nothing else, for
+// `strace -f -c`. Without PREPULL_APPLY_LAYER it has nothing to do.
+//
+//	sudo PREPULL_APPLY_LAYER=/var/tmp/l.tar.gz PREPULL_APPLY_INTO=/var/tmp \
+//	  strace -f -c -o /tmp/sc.txt ./applier.test -test.run '^TestApplyOnce$'
+func TestApplyOnce(t *testing.T) {
+	layer := os.Getenv("PREPULL_APPLY_LAYER")
+	if layer == "" {
+		t.Skip("a measuring aid: set PREPULL_APPLY_LAYER (and run under strace)")
+	}
+	requireRoot(t)
+	f, err := os.Open(layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dg, err := digest.FromReader(bufio.NewReaderSize(f, 1<<20))
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(layer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	into, err := os.MkdirTemp(os.Getenv("PREPULL_APPLY_INTO"), "apply-once")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &store{dir: filepath.Join(into, "content")}
+	if s.Store, err = local.NewStore(s.dir); err != nil {
+		t.Fatal(err)
+	}
+	blob := filepath.Join(s.dir, "blobs", "sha256", dg.Encoded())
+	if err := os.MkdirAll(filepath.Dir(blob), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(layer, blob); err != nil {
+		t.Fatal(err)
+	}
+	upper, work := filepath.Join(into, "fs"), filepath.Join(into, "work")
+	os.Mkdir(upper, 0o755)
+	os.Mkdir(work, 0o755)
+	mounts := []mount.Mount{{Type: "overlay", Source: "overlay", Options: []string{"workdir=" + work, "upperdir=" + upper}}}
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: dg, Size: st.Size()}
+	start := time.Now()
+	var d ocispec.Descriptor
+	if os.Getenv("PREPULL_APPLY_WITH") == "containerd" {
+		d, err = apply.NewFileSystemApplier(s).Apply(t.Context(), desc, mounts, diffSyncFs)
+	} else {
+		d, err = New(s, zap.NewNop(), WithContentDir(s.dir)).Apply(t.Context(), desc, mounts)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("applied %s into %s in %s: diffID %s, %d bytes", dg, upper, time.Since(start), d.Digest, d.Size)
 }

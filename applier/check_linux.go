@@ -49,6 +49,10 @@ func Check(snapshotter string) error {
 	if b, err := os.ReadFile("/sys/fs/selinux/enforce"); err == nil && strings.TrimSpace(string(b)) == "1" {
 		return unsupported(ReasonHost, "SELinux is enforcing (containerd's applier labels files)")
 	}
+	if _, err := os.Stat("/proc/self/fd"); err != nil {
+		// xattrs on symlinks, devices and hard links are set through /proc/self/fd/N/name.
+		return unsupported(ReasonHost, "/proc is not mounted: %v", err)
+	}
 	fd, err := unix.Openat2(unix.AT_FDCWD, "/", &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_IN_ROOT})
 	if err != nil {
 		return unsupported(ReasonHost, "openat2 with RESOLVE_IN_ROOT unavailable: %v", err)

@@ -28,6 +28,8 @@ const (
 	// ReasonEntry: a tar entry type the applier does not handle, found mid-layer; what was
 	// written has been removed.
 	ReasonEntry Reason = "entry-type"
+	// ReasonConfig: the user chose containerd's applier (--applier containerd).
+	ReasonConfig Reason = "config"
 	// ReasonHost: the host does not allow the fast path (not root, missing capabilities, user
 	// namespace, SELinux enforcing, no openat2).
 	ReasonHost Reason = "host"

@@ -67,7 +67,7 @@ func WithObserver(o Observer) FallbackOption {
 }
 
 // WithDisabled sends every layer to containerd's applier, reporting reason as the fallback
-// reason (for --applier containerd, or when Check said no).
+// reason: ReasonConfig for --applier containerd, ReasonHost when Check said no.
 func WithDisabled(reason Reason) FallbackOption {
 	return func(f *Fallback) { f.disabled = reason }
 }

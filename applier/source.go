@@ -25,7 +25,7 @@ const (
 	// chunkSize is the unit the decompressed stream moves in between goroutines; large enough
 	// that a big file is written in 1 MiB write(2)s and channel hand-offs are rare.
 	chunkSize = 1 << 20
-	// chunksInFlight bounds the memory of one Apply's pipeline (chunksInFlight MiB).
+	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks of 1 MiB.
 	chunksInFlight = 6
 	// pipeSize is what igzip's pipes are grown to: at the default 64 KiB the child and Go
 	// ping-pong on every few blocks and igzip runs at a fraction of its speed.
@@ -48,6 +48,8 @@ type chunk struct {
 	n int
 }
 
+var errInterrupted = errors.New("layer stream interrupted")
+
 // pipeline moves a layer blob through verification, decompression and hashing on their own
 // goroutines and hands the decompressed bytes, in order, to the extracting goroutine.
 type pipeline struct {
@@ -63,7 +65,6 @@ type pipeline struct {
 	diffID   digest.Digest
 	size     int64
 	complete bool
-	ctxErr   func() error // the pipeline context's Err, to tell a cancelled stream from its end
 
 	cur *chunk // the extractor's current chunk
 	off int
@@ -100,10 +101,8 @@ func (p *pipeline) Read(b []byte) (int, error) {
 				return 0, err
 			}
 			if !p.complete {
-				if err := p.ctxErr(); err != nil {
-					return 0, err
-				}
-				return 0, errors.New("layer stream ended early")
+				// Cancelled: Apply reports the context's error.
+				return 0, errInterrupted
 			}
 			return 0, io.EOF
 		}
@@ -186,7 +185,6 @@ func (a *Applier) startPipeline(ctx context.Context, blob io.Reader, desc ocispe
 	ctx, cancel := context.WithCancel(ctx)
 	p := &pipeline{
 		cancel: cancel,
-		ctxErr: ctx.Err,
 		out:    make(chan *chunk, chunksInFlight),
 		free:   make(chan *chunk, chunksInFlight+2),
 	}
