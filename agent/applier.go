@@ -24,10 +24,6 @@ const (
 	ApplierContainerd = "containerd"
 )
 
-// FallbackConfigured is the fallback reason of every layer when
-// WithApplier(ApplierContainerd) chose containerd's applier.
-const FallbackConfigured = "configured"
-
 // pullClients builds, once per snapshotter, the containerd client the pulls
 // go through: the agent's client with its diff service swapped for an
 // applier.Fallback (prepull's applier, containerd's where prepull's cannot
@@ -68,7 +64,7 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) *containe
 	}
 	switch a.opts.applier {
 	case ApplierContainerd:
-		opts = append(opts, applier.WithDisabled(applier.Reason(FallbackConfigured)))
+		opts = append(opts, applier.WithDisabled(applier.ReasonConfig))
 	case ApplierAuto:
 		if err := applier.Check(snapshotter); err != nil {
 			a.log.Info("applying layers with containerd's applier", zap.String("snapshotter", snapshotter), zap.String("why", err.Error()))

@@ -66,5 +66,5 @@ func ReasonOf(err error) Reason {
 
 // Reasons lists every Reason, for metrics that name them.
 func Reasons() []Reason {
-	return []Reason{ReasonMount, ReasonOption, ReasonMediaType, ReasonTarget, ReasonEntry, ReasonHost}
+	return []Reason{ReasonMount, ReasonOption, ReasonMediaType, ReasonTarget, ReasonEntry, ReasonHost, ReasonConfig}
 }

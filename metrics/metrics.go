@@ -234,7 +234,7 @@ func fallbackReasonList() string {
 	for _, r := range applier.Reasons() {
 		names = append(names, string(r))
 	}
-	return strings.Join(append(names, agent.FallbackConfigured), ", ")
+	return strings.Join(names, ", ")
 }
 
 // LayerApplied implements applier.Observer.
