@@ -119,17 +119,22 @@ bench-warm:
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	bash bench/warm/run.sh
 
-# Fuzz the manifest parser, the reference normalizer and the ECR host parser,
+# Fuzz the manifest parser, the reference normalizer, the ECR host parser and
+# the applier (against containerd's),
 # FUZZTIME each. make test uses an execution count (60000x, ~10-20 s each):
 # with Go 1.26 a duration budget can end in a spurious "context deadline
 # exceeded" failure at the deadline (go.dev/issue/75804, fixed in Go 1.27)
 # (longer: make fuzz FUZZTIME=5000000x). Findings land in testdata/fuzz/.
 FUZZTIME ?= 60000x
+# FuzzApply compares prepull's applier with containerd's on generated tars
+# (30-60 executions a second here): its own, smaller count.
+FUZZTIME_APPLY ?= 2000x
 .PHONY: fuzz
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseManifest$$' -fuzztime $(FUZZTIME) ./manifest
 	$(GO) test -run '^$$' -fuzz '^FuzzNormalizeRef$$' -fuzztime $(FUZZTIME) ./manifest
 	$(GO) test -run '^$$' -fuzz '^FuzzParseHost$$' -fuzztime $(FUZZTIME) ./ecrauth
+	$(GO) test -run '^$$' -fuzz '^FuzzApply$$' -fuzztime $(FUZZTIME_APPLY) ./applier
 
 # Static release binaries for the Image Builder component and the Packer
 # recipe (dist/prepull-linux-amd64, dist/prepull-linux-arm64) and their
