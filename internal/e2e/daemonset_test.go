@@ -27,8 +27,8 @@ import (
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
-	"github.com/prepull/prepull/manifest"
 	"github.com/prepull/prepull/internal/harness"
+	"github.com/prepull/prepull/manifest"
 )
 
 // kustomization is the part of kustomize's Kustomization that
