@@ -56,19 +56,21 @@ func (b *bench) ctrSeq(refs []string, local bool) pullFunc {
 func (b *bench) ctrPar(refs []string) pullFunc {
 	return func(ctx context.Context, addr, hostsDir, log string) (usage, error) {
 		var cmds []*exec.Cmd
+		var hwms []func() int64
 		for _, ref := range refs {
 			cmd, err := startCmd(ctx, log, nil, b.cfg.ctr, b.ctrArgs(addr, hostsDir, false, ref)...)
 			if err != nil {
 				return usage{}, err
 			}
 			cmds = append(cmds, cmd)
+			hwms = append(hwms, watchHWM(cmd.Process.Pid))
 		}
 		var total usage
 		var firstErr error
-		for _, cmd := range cmds {
+		for i, cmd := range cmds {
 			err := cmd.Wait()
 			if cmd.ProcessState != nil {
-				total.add(cmd.ProcessState)
+				total.add(cmd.ProcessState, hwms[i]())
 			}
 			if err != nil && firstErr == nil {
 				firstErr = fmt.Errorf("ctr %s: %w (log: %s)", cmd.Args[len(cmd.Args)-1], err, tail(log))

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -110,13 +111,16 @@ type usage struct {
 	Processes int
 }
 
-func (u *usage) add(ps *os.ProcessState) {
+// add counts a finished process; hwm is its peak RSS as sampled from
+// /proc (wait4's ru_maxrss is not used: a child started with vfork reports
+// the parent's RSS from before its exec, which here is the driver's).
+func (u *usage) add(ps *os.ProcessState, hwm int64) {
 	ru, ok := ps.SysUsage().(*syscall.Rusage)
 	if !ok {
 		return
 	}
 	u.CPU += time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	u.MaxRSS = max(u.MaxRSS, ru.Maxrss*1024)
+	u.MaxRSS = max(u.MaxRSS, hwm)
 	u.Written += ru.Oublock * 512
 	u.Processes++
 }
@@ -129,9 +133,10 @@ func runCmd(ctx context.Context, logPath string, env []string, name string, args
 	if err != nil {
 		return u, err
 	}
+	hwm := watchHWM(cmd.Process.Pid)
 	err = cmd.Wait()
 	if cmd.ProcessState != nil {
-		u.add(cmd.ProcessState)
+		u.add(cmd.ProcessState, hwm())
 	}
 	if err != nil {
 		return u, fmt.Errorf("%s %s: %w (log: %s)", filepath.Base(name), strings.Join(args, " "), err, tail(logPath))
@@ -178,4 +183,50 @@ func diskUsage(dir string) int64 {
 	}
 	v, _ := strconv.ParseInt(f[0], 10, 64)
 	return v
+}
+
+// watchHWM samples the peak RSS (VmHWM) of pid every 50 ms until the
+// returned function is called, which returns the largest value seen.
+func watchHWM(pid int) func() int64 {
+	var peak atomic.Int64
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			if v := vmHWM(pid); v > peak.Load() {
+				peak.Store(v)
+			}
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return func() int64 {
+		close(done)
+		<-stopped
+		return peak.Load()
+	}
+}
+
+// vmHWM reads VmHWM of pid in bytes (0 once the process is gone).
+func vmHWM(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				n, _ := strconv.ParseInt(f[0], 10, 64)
+				return n * 1024
+			}
+		}
+	}
+	return 0
 }
