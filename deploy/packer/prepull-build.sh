@@ -59,11 +59,12 @@ else
   systemctl enable $units
 fi
 
-# containerd decompresses layers with igzip when it is on its PATH: less than
-# half of unpigz's CPU (bench/pull/RESULTS.md). Best effort.
+# prepull's applier (and containerd's) decompresses gzip layers with igzip when
+# it is on PATH: about twice as fast as Go's gzip and less than half of
+# unpigz's CPU (applier/README.md, bench/pull/RESULTS.md). Best effort.
 if ! command -v igzip >/dev/null 2>&1; then
   { dnf install -y -q isa-l-tools || dnf install -y -q isa-l || apt-get install -y -q isal; } >/dev/null 2>&1 \
-    || echo "prepull-build: igzip not installed; containerd uses its Go gzip" >&2
+    || echo "prepull-build: igzip not installed; layers are decompressed with Go's gzip" >&2
 fi
 
 # Pull (and verify) with containerd running; leave it as it was found, like
