@@ -26,7 +26,7 @@ const (
 	// that a big file is written in 1 MiB write(2)s and channel hand-offs are rare.
 	chunkSize = 1 << 20
 	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks of 1 MiB.
-	chunksInFlight = 6
+	chunksInFlight = 2
 	// pipeSize is what igzip's pipes are grown to: at the default 64 KiB the child and Go
 	// ping-pong on every few blocks and igzip runs at a fraction of its speed.
 	pipeSize = 1 << 20
@@ -48,6 +48,11 @@ type chunk struct {
 	n int
 }
 
+// chunkPool keeps chunks between Apply calls: several layers are applied at
+// once and one after another, and fresh 1 MiB chunks per layer were garbage
+// that let the heap (and the RSS) grow to twice what is live.
+var chunkPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, chunkSize)} }}
+
 var errInterrupted = errors.New("layer stream interrupted")
 
 // pipeline moves a layer blob through verification, decompression and hashing on their own
@@ -68,6 +73,8 @@ type pipeline struct {
 
 	cur *chunk // the extractor's current chunk
 	off int
+
+	release sync.Once
 }
 
 func (p *pipeline) fail(err error) {
@@ -116,9 +123,26 @@ func (p *pipeline) Read(b []byte) (int, error) {
 // stop cancels the stages and waits for them; safe after a complete read too.
 func (p *pipeline) stop() {
 	p.cancel()
-	for range p.out {
+	for c := range p.out {
+		chunkPool.Put(c)
 	}
 	p.wg.Wait()
+	// Every stage has ended: the chunks left are the extractor's and the
+	// free ones (a chunk a cancelled hasher never took is left to the GC).
+	p.release.Do(func() {
+		if p.cur != nil {
+			chunkPool.Put(p.cur)
+			p.cur = nil
+		}
+		for {
+			select {
+			case c := <-p.free:
+				chunkPool.Put(c)
+			default:
+				return
+			}
+		}
+	})
 }
 
 // verifier checks a blob's bytes against its descriptor as they are read: a blob whose bytes do
@@ -189,7 +213,7 @@ func (a *Applier) startPipeline(ctx context.Context, blob io.Reader, desc ocispe
 		free:   make(chan *chunk, chunksInFlight+2),
 	}
 	for range chunksInFlight + 2 {
-		p.free <- &chunk{b: make([]byte, chunkSize)}
+		p.free <- chunkPool.Get().(*chunk)
 	}
 	v := &verifier{r: blob, h: desc.Digest.Algorithm().Hash(), want: desc.Digest, wantSize: desc.Size, progress: progress}
 	br := bufio.NewReaderSize(v, 256<<10)
