@@ -13,6 +13,8 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+
+	"github.com/prepull/prepull/internal/harness"
 )
 
 // TestRelease runs `make release` into a temporary directory and checks what
@@ -154,17 +156,12 @@ func readSums(t *testing.T, p string) map[string]string {
 	return sums
 }
 
-// goTool is the go command of the toolchain running the test, so make
-// builds with the same Go.
+// goTool is harness.GoTool or the end of the test.
 func goTool(t *testing.T) string {
 	t.Helper()
-	p := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(p); err == nil {
-		return p
-	}
-	p, err := exec.LookPath("go")
+	p, err := harness.GoTool()
 	if err != nil {
-		t.Fatalf("no go toolchain: %v", err)
+		t.Fatal(err)
 	}
 	return p
 }

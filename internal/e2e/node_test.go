@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -167,16 +166,12 @@ func prepullBinary(t *testing.T) string {
 	return out
 }
 
-// goTool is the go command of the toolchain running the test.
+// goTool is harness.GoTool or the end of the test.
 func goTool(t *testing.T) string {
 	t.Helper()
-	p := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(p); err == nil {
-		return p
-	}
-	p, err := exec.LookPath("go")
+	p, err := harness.GoTool()
 	if err != nil {
-		t.Fatalf("no go toolchain: %v", err)
+		t.Fatal(err)
 	}
 	return p
 }

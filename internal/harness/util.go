@@ -4,6 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
 	"sync"
 	"time"
 
@@ -56,4 +60,18 @@ func (c *Containerd) WaitCRIImage(ctx context.Context, ref string, wantPresent b
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// GoTool is the go command of the toolchain running the caller (so a test
+// that runs make or go build uses the same Go), else the one on PATH.
+func GoTool() (string, error) {
+	p := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(p); err == nil {
+		return p, nil
+	}
+	p, err := exec.LookPath("go")
+	if err != nil {
+		return "", fmt.Errorf("no go toolchain: %w", err)
+	}
+	return p, nil
 }
