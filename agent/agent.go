@@ -284,8 +284,9 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 	}
 	unpackOpts := []containerd.UnpackOpt{
 		containerd.WithUnpackDuplicationSuppressor(a.locker),
-		// Bytes applied per layer, for progress (prepull's applier reports
-		// them; containerd's diff service over gRPC does not).
+		// Bytes applied per layer, for progress: prepull's applier reports
+		// them as it reads; containerd's diff service only at a layer's
+		// start and end.
 		containerd.WithUnpackApplyOpts(diff.WithProgress(st.applied)),
 	}
 	if a.unpacks != nil {
@@ -385,12 +386,13 @@ const (
 // Progress is the state of one pull in flight.
 type Progress struct {
 	Ref string
-	// Phase is PhaseFetching until a layer apply starts (or everything is
-	// fetched), then PhaseUnpacking.
+	// Phase is PhaseFetching until every layer is fetched (or, with the
+	// layers already local, until applying gets ahead of fetching), then
+	// PhaseUnpacking.
 	Phase   string
 	Fetched int64
-	// Applied is the compressed bytes applied so far; prepull's applier
-	// reports it, containerd's does not (it stays 0 there).
+	// Applied is the compressed bytes applied so far: prepull's applier
+	// reports it as it reads, containerd's per whole layer.
 	Applied int64
 	Total   int64
 	Started time.Time
@@ -404,7 +406,7 @@ func (a *Agent) InFlight() []Progress {
 		p := Progress{Ref: st.ref, Phase: PhaseFetching, Fetched: st.fetched.Load(), Total: st.total.Load(), Started: st.started}
 		var unpacking bool
 		p.Applied, unpacking = st.appliedBytes()
-		if unpacking || (p.Total > 0 && p.Fetched >= p.Total) {
+		if (p.Total > 0 && p.Fetched >= p.Total) || (unpacking && p.Applied > p.Fetched) {
 			p.Phase = PhaseUnpacking
 		}
 		out = append(out, p)

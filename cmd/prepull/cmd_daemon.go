@@ -112,17 +112,23 @@ func (d *daemon) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The server answers /healthz (and /readyz: 503) while prepull still
+	// connects to containerd.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	n := newNotifier(log)
+	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error { return srv.Run(ctx) })
+	eg.Go(func() error { return n.Run(ctx) })
 	r, err := newRunner(ctx, d.g, d.tel)
 	if err != nil {
+		cancel()
+		_ = eg.Wait()
 		return err
 	}
 	defer r.close()
 
-	n := newNotifier(log)
 	changed := make(chan struct{}, 1)
-	eg, ctx := errgroup.WithContext(ctx)
-	eg.Go(func() error { return srv.Run(ctx) })
-	eg.Go(func() error { return n.Run(ctx) })
 	eg.Go(func() error { return d.watch(ctx, changed, log) })
 	eg.Go(func() error { return d.loop(ctx, r, n, hup, changed, log) })
 	return eg.Wait()
@@ -140,6 +146,9 @@ func (d *daemon) loop(ctx context.Context, r *runner, n *notifier, hup <-chan os
 		if err := warmFailures(wres); err != nil {
 			log.Error("warm-up incomplete", zap.Error(err))
 		}
+	}
+	if ctx.Err() != nil {
+		return nil // stopping: systemd got STOPPING=1 already, not READY=1 after it
 	}
 	n.Ready()
 

@@ -134,6 +134,7 @@ func (r *runner) warm(ctx context.Context, imgs []manifest.Image, wm *warmup.War
 		cimg, err := r.agent.ContainerdImage(ctx, img)
 		if err != nil {
 			out[len(out)-1].Err = fmt.Errorf("warm %s: %w", img.Ref, err)
+			r.g.logger.Named("warmup").Error("image not warmed", zap.String("image", img.Ref), zap.Error(err))
 			continue
 		}
 		todo = append(todo, warmup.Image{Name: img.Ref, Image: cimg, Priority: img.Priority})

@@ -79,8 +79,8 @@ func drawBars(ctx context.Context, g *globals, a *agent.Agent, total int, finish
 		mpb.BarPriority(1<<30))
 	bars := map[string]*mpb.Bar{}
 	// phases holds each bar's phase for its decorator; the bar counts bytes
-	// fetched, then bytes applied once unpacking starts (prepull's applier
-	// reports them; with containerd's the bar stays full and says unpacking).
+	// fetched, then bytes applied once everything is fetched (prepull's
+	// applier reports them as it reads, containerd's per whole layer).
 	phases := map[string]*atomic.Value{}
 	tick := time.NewTicker(150 * time.Millisecond)
 	defer tick.Stop()

@@ -258,6 +258,21 @@ func (g *globals) agentOptions() ([]agent.Option, error) {
 	if err != nil {
 		return nil, usagef("--layer-chunk-size: %v", err)
 	}
+	// The flags' own words first; agent.Validate below backs them up.
+	switch {
+	case g.concurrency <= 0:
+		return nil, usagef("--concurrency must be positive, got %d", g.concurrency)
+	case g.maxDownloads <= 0:
+		return nil, usagef("--max-downloads must be positive, got %d", g.maxDownloads)
+	case g.downloadLimit < 0 || g.unpackLimit < 0:
+		return nil, usagef("--download-limit and --unpack-limit must not be negative")
+	case g.imageTimeout < 0:
+		return nil, usagef("--image-timeout must not be negative")
+	case g.order != agent.OrderManifest && g.order != agent.OrderSize:
+		return nil, usagef("--order %q: want %s or %s", g.order, agent.OrderManifest, agent.OrderSize)
+	case g.applier != agent.ApplierAuto && g.applier != agent.ApplierPrepull && g.applier != agent.ApplierContainerd:
+		return nil, usagef("--applier %q: want %s, %s or %s", g.applier, agent.ApplierAuto, agent.ApplierPrepull, agent.ApplierContainerd)
+	}
 	opts := []agent.Option{
 		agent.WithNamespace(g.namespace),
 		agent.WithSnapshotter(g.snapshotter),
