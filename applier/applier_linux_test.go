@@ -38,19 +38,6 @@ func emptyTarget(t *testing.T) (string, []mount.Mount) {
 	return upper, []mount.Mount{{Type: "overlay", Source: "overlay", Options: []string{"workdir=" + work, "upperdir=" + upper}}}
 }
 
-func listDir(t *testing.T, dir string) []string {
-	t.Helper()
-	des, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, de := range des {
-		names = append(names, de.Name())
-	}
-	return names
-}
-
 // TestRefuses checks that what prepull's applier cannot reproduce is refused with the right
 // reason before anything is written.
 func TestRefuses(t *testing.T) {

@@ -96,7 +96,7 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 		}),
 		warmFiles: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_warmup_files_total",
-			Help: "Snapshot entries seen by the warm-up, by result: " + warmResultList() + ".",
+			Help: "Snapshot entries seen by the warm-up, by result: " + list(warmup.Results()) + ".",
 		}, []string{"result"}),
 		layers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_layers_applied_total",
@@ -114,7 +114,7 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 		}, []string{"applier"}),
 		layerFallback: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_applier_fallbacks_total",
-			Help: "Layers applied by containerd's applier instead of prepull's, by reason: " + fallbackReasonList() + ".",
+			Help: "Layers applied by containerd's applier instead of prepull's, by reason: " + list(applier.Reasons()) + ".",
 		}, []string{"reason"}),
 		warmImages: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_warmup_images_total",
@@ -130,7 +130,7 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 		}),
 		warmFallback: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "prepull_warmup_fallbacks_total",
-			Help: "Images that extents mode (or auto) read through the file system instead, by reason: " + strings.Join(warmup.FallbackReasons(), ", ") + ".",
+			Help: "Images that extents mode (or auto) read through the file system instead, by reason: " + list(warmup.FallbackReasons()) + ".",
 		}, []string{"reason"}),
 		images: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "prepull_images",
@@ -219,20 +219,11 @@ func New(reg prometheus.Registerer, perImage bool) *Set {
 // empty values.
 const ReasonNone = "none"
 
-// warmResultList is the warm-up results for the help text.
-func warmResultList() string {
-	var names []string
-	for _, r := range warmup.Results() {
-		names = append(names, string(r))
-	}
-	return strings.Join(names, ", ")
-}
-
-// fallbackReasonList is the bounded fallback reasons for the help text.
-func fallbackReasonList() string {
-	var names []string
-	for _, r := range applier.Reasons() {
-		names = append(names, string(r))
+// list joins a bounded label set for a help text.
+func list[T ~string](values []T) string {
+	names := make([]string, len(values))
+	for i, v := range values {
+		names[i] = string(v)
 	}
 	return strings.Join(names, ", ")
 }

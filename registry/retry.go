@@ -46,23 +46,6 @@ type policy struct {
 // TransportOption configures NewTransport.
 type TransportOption func(*policy)
 
-// WithMaxAttempts bounds the tries of one request, the first included
-// (default 6). A blob body that breaks may be resumed n-1 times in a row
-// without progress.
-func WithMaxAttempts(n int) TransportOption { return func(p *policy) { p.MaxAttempts = n } }
-
-// WithBackoff sets the first backoff step (default 500ms); each retry
-// doubles it up to max (default 15s), with jitter.
-func WithBackoff(base, max time.Duration) TransportOption {
-	return func(p *policy) { p.BaseDelay, p.MaxDelay = base, max }
-}
-
-// WithMaxRetryAfter sets the longest Retry-After the transport waits for
-// (default 2m); a registry asking for more gets its answer passed on.
-func WithMaxRetryAfter(d time.Duration) TransportOption {
-	return func(p *policy) { p.MaxRetryAfter = d }
-}
-
 // WithStallTimeout aborts a request that receives no bytes (headers or
 // body) for d and retries or resumes it (default 30s; 0 turns it off).
 func WithStallTimeout(d time.Duration) TransportOption {

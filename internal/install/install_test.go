@@ -101,7 +101,7 @@ func TestInstallRootTree(t *testing.T) {
 	bin := fakeBinary(t, "v1")
 	opts := options{root: root, binary: bin, systemctl: noSystemctl(t)}
 
-	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
+	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...)
 	if err != nil {
 		t.Fatalf("Install: %v", err)
 	}
@@ -149,7 +149,7 @@ func TestInstallTwiceChangesNothing(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
 	opts := options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}
-	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts)); err != nil {
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...); err != nil {
 		t.Fatalf("first Install: %v", err)
 	}
 	// Push every mtime into the past so that any rewrite, even within the
@@ -168,7 +168,7 @@ func TestInstallTwiceChangesNothing(t *testing.T) {
 	})
 	snapshot := tree(t, root)
 
-	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
+	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...)
 	if err != nil {
 		t.Fatalf("second Install: %v", err)
 	}
@@ -247,7 +247,7 @@ func TestInstallUpdates(t *testing.T) {
 			t.Parallel()
 			root := t.TempDir()
 			opts := options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}
-			if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts)); err != nil {
+			if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...); err != nil {
 				t.Fatalf("first Install: %v", err)
 			}
 			if tc.tamper != nil {
@@ -256,7 +256,7 @@ func TestInstallUpdates(t *testing.T) {
 			if tc.newBin {
 				opts.binary = fakeBinary(t, "v2")
 			}
-			changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
+			changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...)
 			if err != nil {
 				t.Fatalf("second Install: %v", err)
 			}
@@ -330,11 +330,11 @@ func TestInstallBinaryOverItself(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
 	opts := options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}
-	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts)); err != nil {
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...); err != nil {
 		t.Fatal(err)
 	}
 	opts.binary = filepath.Join(root, BinaryPath)
-	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(opts))
+	changes, err := Install(t.Context(), zap.NewNop(), prepull.Files, opts.list()...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -350,11 +350,11 @@ func TestInstallErrors(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(root, UnitDir, BootUnit, "x"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	_, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}))
+	_, err := Install(t.Context(), zap.NewNop(), prepull.Files, options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}.list()...)
 	if err == nil || !strings.Contains(err.Error(), filepath.Join(root, UnitDir, BootUnit)) {
 		t.Fatalf("Install over a directory: error %v, want one naming the unit path", err)
 	}
-	_, err = Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: t.TempDir(), binary: filepath.Join(root, "missing"), systemctl: noSystemctl(t)}))
+	_, err = Install(t.Context(), zap.NewNop(), prepull.Files, options{root: t.TempDir(), binary: filepath.Join(root, "missing"), systemctl: noSystemctl(t)}.list()...)
 	if err == nil || !strings.Contains(err.Error(), "missing") {
 		t.Fatalf("Install of a missing binary: error %v, want one naming it", err)
 	}
@@ -412,7 +412,7 @@ const exposureLimit = "25" // tenths: 2.5
 func TestUnitsVerify(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)})); err != nil {
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}.list()...); err != nil {
 		t.Fatal(err)
 	}
 	stageUnitLibrary(t, root)
@@ -437,7 +437,7 @@ func TestUnitsVerify(t *testing.T) {
 func TestUnitsVerifyCatchesBreakage(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
-	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, with(options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)})); err != nil {
+	if _, err := Install(t.Context(), zap.NewNop(), prepull.Files, options{root: root, binary: fakeBinary(t, "v1"), systemctl: noSystemctl(t)}.list()...); err != nil {
 		t.Fatal(err)
 	}
 	stageUnitLibrary(t, root)
@@ -616,5 +616,8 @@ func prefixAll(p string, s []string) []string {
 	return out
 }
 
-// with sets every option at once, from a struct the test can change.
-func with(o options) Option { return func(x *options) { *x = o } }
+// list is o as the options a caller passes, from a struct the test can
+// change between calls.
+func (o options) list() []Option {
+	return []Option{WithRoot(o.root), WithBinary(o.binary), WithSystemctl(o.systemctl)}
+}
