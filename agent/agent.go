@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/images"
 	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
@@ -273,8 +274,15 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 
 	labels := criLabels(img.Pin)
 	matcher := a.platformMatcher(img)
+	pc := a.pullClient(ctx, snapshotter)
+	var resolver remotes.Resolver = registry.NewResolver(ctx, a.opts.hostsDir, a.opts.registryOpts...)
+	if pc.fast != nil && a.opts.stream {
+		if resolver, err = a.streamLayers(ctx, pc, resolver, img.Ref, matcher, snapshotter, st); err != nil {
+			return wrapUnavailable(err)
+		}
+	}
 	opts := []containerd.RemoteOpt{
-		containerd.WithResolver(registry.NewResolver(ctx, a.opts.hostsDir, a.opts.registryOpts...)),
+		containerd.WithResolver(resolver),
 		containerd.WithPullUnpack,
 		containerd.WithPullSnapshotter(snapshotter),
 		containerd.WithPlatformMatcher(matcher),
@@ -314,7 +322,7 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 	} else {
 		before[img.Ref] = nil
 	}
-	image, err := a.pullClient(ctx, snapshotter).Pull(ctx, img.Ref, opts...)
+	image, err := pc.Pull(ctx, img.Ref, opts...)
 	if err != nil {
 		return explainPullError(err, img)
 	}
@@ -331,6 +339,7 @@ type pullState struct {
 	started time.Time
 	fetched atomic.Int64 // bytes received from registries
 	total   atomic.Int64 // compressed size of the platform manifest's layers
+	counted atomic.Bool  // total is set (by the layer stream)
 
 	mu      sync.Mutex
 	layers  map[digest.Digest]int64 // compressed bytes applied so far, per layer
@@ -361,12 +370,19 @@ func (st *pullState) appliedBytes() (int64, bool) {
 	return n, st.unpacks
 }
 
+// setTotal sets the progress total, the compressed size of the layers.
+func (st *pullState) setTotal(n int64) {
+	st.total.Store(n)
+	st.counted.Store(true)
+}
+
 // countLayers adds up the layer sizes of the manifests the pull walks, so
-// progress has a total (layers already unpacked count but are not fetched).
+// progress has a total (layers already unpacked count but are not fetched),
+// unless the layer stream set it.
 func (st *pullState) countLayers(h images.Handler) images.Handler {
 	return images.HandlerFunc(func(ctx context.Context, desc ocispec.Descriptor) ([]ocispec.Descriptor, error) {
 		children, err := h.Handle(ctx, desc)
-		if err == nil && images.IsManifestType(desc.MediaType) {
+		if err == nil && images.IsManifestType(desc.MediaType) && !st.counted.Load() {
 			for _, c := range children {
 				if images.IsLayerType(c.MediaType) {
 					st.total.Add(c.Size)

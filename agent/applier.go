@@ -32,12 +32,20 @@ const (
 // labels, the diffID check and the commit.
 type pullClients struct {
 	mu      sync.Mutex
-	clients map[string]*containerd.Client
+	clients map[string]pullClient
 }
 
-func (a *Agent) pullClient(ctx context.Context, snapshotter string) *containerd.Client {
+// pullClient is what pulls into one snapshotter go through.
+type pullClient struct {
+	*containerd.Client
+	// fast is prepull's applier when it applies this snapshotter's layers
+	// (nil: containerd's does), for the streamed layers.
+	fast *applier.Applier
+}
+
+func (a *Agent) pullClient(ctx context.Context, snapshotter string) pullClient {
 	if a.opts.applier == ApplierContainerd && a.opts.layerObserver == nil {
-		return a.client
+		return pullClient{Client: a.client}
 	}
 	a.pulls.mu.Lock()
 	defer a.pulls.mu.Unlock()
@@ -46,18 +54,19 @@ func (a *Agent) pullClient(ctx context.Context, snapshotter string) *containerd.
 	}
 	c := a.newPullClient(ctx, snapshotter)
 	if a.pulls.clients == nil {
-		a.pulls.clients = map[string]*containerd.Client{}
+		a.pulls.clients = map[string]pullClient{}
 	}
 	a.pulls.clients[snapshotter] = c
 	return c
 }
 
-func (a *Agent) newPullClient(ctx context.Context, snapshotter string) *containerd.Client {
+func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClient {
 	conn, ok := a.client.Conn().(*grpc.ClientConn)
 	if !ok {
 		a.log.Warn("applying layers with containerd's applier: the containerd client has no gRPC connection to share")
-		return a.client
+		return pullClient{Client: a.client}
 	}
+	useFast := true
 	var opts []applier.FallbackOption
 	if a.opts.layerObserver != nil {
 		opts = append(opts, applier.WithObserver(a.opts.layerObserver))
@@ -65,10 +74,12 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) *containe
 	switch a.opts.applier {
 	case ApplierContainerd:
 		opts = append(opts, applier.WithDisabled(applier.ReasonConfig))
+		useFast = false
 	case ApplierAuto:
 		if err := applier.Check(snapshotter); err != nil {
 			a.log.Info("applying layers with containerd's applier", zap.String("snapshotter", snapshotter), zap.String("why", err.Error()))
 			opts = append(opts, applier.WithDisabled(applier.ReasonOf(err)))
+			useFast = false
 		} else {
 			a.log.Info("applying layers with prepull's applier", zap.String("snapshotter", snapshotter))
 		}
@@ -83,9 +94,13 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) *containe
 		containerd.WithServices(containerd.WithDiffService(fb)))
 	if err != nil {
 		a.log.Warn("applying layers with containerd's applier", zap.Error(fmt.Errorf("client with prepull's applier: %w", err)))
-		return a.client
+		return pullClient{Client: a.client}
 	}
-	return c
+	pc := pullClient{Client: c}
+	if useFast {
+		pc.fast = fast
+	}
+	return pc
 }
 
 // contentDir is the content store's directory on this host (the content

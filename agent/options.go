@@ -30,6 +30,7 @@ type settings struct {
 	order          string
 	applier        string
 	layerObserver  applier.Observer
+	stream         bool
 }
 
 // WithNamespace sets containerd's namespace (default k8s.io, the CRI's).
@@ -86,6 +87,12 @@ func WithOrder(order string) Option { return func(s *settings) { s.order = order
 // ApplierPrepull or ApplierContainerd.
 func WithApplier(mode string) Option { return func(s *settings) { s.applier = mode } }
 
+// WithStreaming(false) stops prepull's applier from applying layers as they
+// download (default on): each layer is then fetched whole into the content
+// store first and applied from there, as containerd's unpacker does. It has
+// no effect where containerd's applier applies the layers.
+func WithStreaming(on bool) Option { return func(s *settings) { s.stream = on } }
+
 // WithLayerObserver is told about every layer applied: by which applier,
 // how long, and why prepull's fell back to containerd's.
 func WithLayerObserver(o applier.Observer) Option {
@@ -100,7 +107,7 @@ func Validate(opts ...Option) error {
 }
 
 func newSettings(opts []Option) (settings, error) {
-	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest, applier: ApplierAuto}
+	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest, applier: ApplierAuto, stream: true}
 	for _, o := range opts {
 		o(&s)
 	}

@@ -77,6 +77,23 @@ func (a *Applier) Decompressor() Decompressor {
 // reproduce containerd exactly; any other error leaves partial content for the caller to discard,
 // as containerd's applier does.
 func (a *Applier) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	return a.apply(ctx, desc, mounts, opts, a.openBlob)
+}
+
+// Opener opens a layer's blob for reading. The context it is given ends when the apply stops
+// (done, failed or cancelled), so a stream tied to it (a registry request) ends too.
+type Opener func(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error)
+
+// ApplyStream is Apply reading the blob from what open returns instead of the content store: the
+// layer is extracted as its bytes arrive (from a registry, say). The blob is read to its end on
+// success, and its size and digest are checked against desc before ApplyStream returns, so a
+// blob that is not the layer desc names fails it. ApplyStream closes it. An error wrapping
+// ErrUnsupported still leaves the target as it was given (the blob is then partly read).
+func (a *Applier) ApplyStream(ctx context.Context, open Opener, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	return a.apply(ctx, desc, mounts, opts, open)
+}
+
+func (a *Applier) apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts []diff.ApplyOpt, open Opener) (ocispec.Descriptor, error) {
 	start := time.Now()
 	var config diff.ApplyConfig
 	for _, o := range opts {
@@ -105,7 +122,11 @@ func (a *Applier) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []m
 	}
 	defer t.close()
 
-	blob, err := a.openBlob(ctx, desc)
+	// blobCtx ends the blob's reading with the apply: a stream stalled on the network must not
+	// hold up the pipeline's stop after an extract error.
+	blobCtx, stopBlob := context.WithCancel(ctx)
+	defer stopBlob()
+	blob, err := open(blobCtx, desc)
 	if err != nil {
 		return ocispec.Descriptor{}, err
 	}
@@ -126,6 +147,7 @@ func (a *Applier) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []m
 		_, err = io.Copy(io.Discard, p)
 	}
 	if err != nil {
+		stopBlob()
 		p.stop()
 		if cerr := ctx.Err(); cerr != nil {
 			err = cerr
@@ -134,6 +156,11 @@ func (a *Applier) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []m
 			if rerr := t.rollback(x.rootOpaque); rerr != nil {
 				return ocispec.Descriptor{}, fmt.Errorf("undo partial layer after %v: %w", err, rerr)
 			}
+			return ocispec.Descriptor{}, err
+		}
+		if ctx.Err() == nil {
+			// Name the directory: "no space left" must say which file system.
+			err = fmt.Errorf("apply layer into %s: %w", target, err)
 		}
 		return ocispec.Descriptor{}, err
 	}

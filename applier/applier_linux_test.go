@@ -175,7 +175,7 @@ func TestBlob(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, mounts3 := emptyTarget(t)
-			if _, err := a.Apply(t.Context(), bad, mounts3); err == nil || !strings.Contains(err.Error(), "hashes to") {
+			if _, err := a.Apply(t.Context(), bad, mounts3); err == nil || !strings.Contains(err.Error(), "unexpected commit digest") {
 				t.Errorf("tampered blob: got %v, want a digest mismatch", err)
 			}
 		})

@@ -14,6 +14,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
+	"github.com/containerd/errdefs"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	digest "github.com/opencontainers/go-digest"
@@ -171,7 +172,8 @@ func (v *verifier) Read(b []byte) (int, error) {
 			return n, fmt.Errorf("blob %s: read %d bytes, descriptor says %d", v.want, v.n, v.wantSize)
 		}
 		if got := digest.NewDigest(v.want.Algorithm(), v.h); got != v.want {
-			return n, fmt.Errorf("blob %s: content hashes to %s", v.want, got)
+			// The content store's words for the same failure.
+			return n, fmt.Errorf("blob %s: unexpected commit digest %s, expected %s: %w", v.want, got, v.want, errdefs.ErrFailedPrecondition)
 		}
 	}
 	return n, err

@@ -647,7 +647,9 @@ func TestRetryAgainstHTTPServer(t *testing.T) {
 	defer srv.Close()
 	tr := srv.Client().Transport.(*http.Transport).Clone()
 	defer tr.CloseIdleConnections()
-	rt := NewTransport(tr, withPolicy(policy{StallTimeout: 300 * time.Millisecond, BaseDelay: 10 * time.Millisecond}))
+	// The stall timeout must be long enough that a loaded machine does not
+	// stall the third, healthy request too (it did at 300 ms, load 20).
+	rt := NewTransport(tr, withPolicy(policy{StallTimeout: 2 * time.Second, BaseDelay: 10 * time.Millisecond}))
 	client := &http.Client{Transport: rt}
 	path := "/v2/x/blobs/sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	resp, err := client.Get(srv.URL + path)

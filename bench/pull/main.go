@@ -75,13 +75,12 @@ func parseVariants(s string) ([]variant, error) {
 
 const (
 	defaultVariants = "prepull defaults=;" +
+		"prepull no streaming=--stream-layers=false;" +
 		"prepull containerd applier=--applier containerd;" +
-		"prepull concurrency 10=--concurrency 10;" +
-		"prepull tuned=--concurrency 10 --max-downloads 4 --download-limit 8 --layer-chunk-size 4MiB;" +
-		"prepull tuned+discard=--concurrency 10 --max-downloads 4 --download-limit 8 --layer-chunk-size 4MiB --discard-layers true"
+		"prepull discard (as on EKS)=--discard-layers true"
 	defaultCapVariants = "prepull defaults=;" +
-		"prepull chunked 4MiB x8=--max-downloads 8 --layer-chunk-size 4MiB;" +
-		"prepull chunked 16MiB x8=--max-downloads 8 --layer-chunk-size 16MiB"
+		"prepull no streaming=--stream-layers=false;" +
+		"prepull containerd applier=--applier containerd"
 	allPhases = "ctr-seq,ctr-local,ctr-par,prepull,decomp,ideal,capped"
 )
 

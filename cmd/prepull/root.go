@@ -45,6 +45,7 @@ type globals struct {
 	imageTimeout      time.Duration
 	order             string
 	applier           string
+	streamLayers      bool
 
 	metricsPerImage bool
 
@@ -106,6 +107,7 @@ environment over the manifest's settings.`,
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
 	pf.StringVar(&g.order, "order", agent.OrderManifest, "start images in manifest order (manifest), or biggest first after reading every manifest (size)")
 	pf.StringVar(&g.applier, "applier", agent.ApplierAuto, "who applies layers: auto (prepull's applier where it can do exactly what containerd's would, else containerd's), prepull, containerd")
+	pf.BoolVar(&g.streamLayers, "stream-layers", true, "with prepull's applier, apply each layer as it downloads instead of after (false: fetch whole, then apply, as containerd does)")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
@@ -284,6 +286,7 @@ func (g *globals) agentOptions() ([]agent.Option, error) {
 		agent.WithImageTimeout(g.imageTimeout),
 		agent.WithOrder(g.order),
 		agent.WithApplier(g.applier),
+		agent.WithStreaming(g.streamLayers),
 	}
 	switch g.discardLayers {
 	case "auto":

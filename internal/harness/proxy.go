@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"regexp"
 	"sync"
+	"time"
 )
 
 // Request is one request the proxy forwarded or answered.
@@ -30,6 +31,7 @@ type Proxy struct {
 	mu    sync.Mutex
 	reqs  []Request
 	fault func(w http.ResponseWriter, r *http.Request) bool
+	rate  func(r *http.Request) int64
 }
 
 // NewProxy starts a proxy to the registry at target (http or https URL);
@@ -57,13 +59,19 @@ func NewProxy(target string, pool *x509.CertPool) (*Proxy, error) {
 			p.mu.Unlock()
 		}()
 		p.mu.Lock()
-		fault := p.fault
+		fault, rate := p.fault, p.rate
 		p.mu.Unlock()
 		if fault != nil && fault(rec, r) {
 			return
 		}
 		r.Host = u.Host
-		rp.ServeHTTP(rec, r)
+		var out http.ResponseWriter = rec
+		if rate != nil {
+			if bps := rate(r); bps > 0 {
+				out = &slowWriter{statusRecorder: rec, bps: bps}
+			}
+		}
+		rp.ServeHTTP(out, r)
 	}))
 	p.srv.Listener.Close()
 	p.srv.Listener = l
@@ -77,6 +85,14 @@ func NewProxy(target string, pool *x509.CertPool) (*Proxy, error) {
 func (p *Proxy) SetFault(fn func(w http.ResponseWriter, r *http.Request) bool) {
 	p.mu.Lock()
 	p.fault = fn
+	p.mu.Unlock()
+}
+
+// SetRate limits the response bodies of the requests fn returns a positive
+// rate for to that many bytes per second. nil removes it.
+func (p *Proxy) SetRate(fn func(r *http.Request) int64) {
+	p.mu.Lock()
+	p.rate = fn
 	p.mu.Unlock()
 }
 
@@ -129,3 +145,26 @@ func (s *statusRecorder) Flush() {
 // Unwrap lets http.ResponseController reach the connection (for faults that
 // hijack it).
 func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// slowWriter writes a body at bps bytes per second, in flushed pieces.
+type slowWriter struct {
+	*statusRecorder
+	bps int64
+}
+
+func (s *slowWriter) Write(b []byte) (int, error) {
+	const piece = 16 << 10
+	n := 0
+	for len(b) > 0 {
+		k := min(len(b), piece)
+		m, err := s.statusRecorder.Write(b[:k])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		s.Flush()
+		time.Sleep(time.Duration(int64(k) * int64(time.Second) / s.bps))
+		b = b[k:]
+	}
+	return n, nil
+}
