@@ -54,7 +54,11 @@ func WithConcurrency(n int) Option { return func(s *settings) { s.concurrency = 
 func WithMaxDownloads(n int) Option { return func(s *settings) { s.maxDownloads = n } }
 
 // WithLayerChunkSize, n ≥ 512, fetches large layers as parallel ranged
-// requests of n bytes (containerd's ConcurrentLayerFetchBuffer); 0 is off.
+// requests of n bytes with containerd's ConcurrentLayerFetchBuffer, which
+// gives every layer its own WithMaxDownloads × n bytes of buffers; 0 is
+// off. The command line uses prepull's own ranged fetch instead, in the
+// registry transport (registry.WithRanged in WithRegistry), whose buffers
+// are one pool bounded for all pulls.
 func WithLayerChunkSize(n int) Option { return func(s *settings) { s.layerChunkSize = n } }
 
 // WithDownloadLimit bounds blob requests in flight across all images
