@@ -231,6 +231,12 @@ func (b *rangedBody) bounds(i int) (int64, int64) {
 func (b *rangedBody) schedule() {
 	defer b.wg.Done()
 	for {
+		b.mu.Lock()
+		over := b.sched >= b.n || b.broken
+		b.mu.Unlock()
+		if over {
+			return // without queueing for a buffer it would give back
+		}
 		select {
 		case b.slots <- struct{}{}:
 		case <-b.partsCtx.Done():
