@@ -80,8 +80,8 @@ const (
 		"prepull tuned=--concurrency 10 --max-downloads 4 --download-limit 8 --layer-chunk-size 4MiB;" +
 		"prepull tuned+discard=--concurrency 10 --max-downloads 4 --download-limit 8 --layer-chunk-size 4MiB --discard-layers true"
 	defaultCapVariants = "prepull defaults=;" +
-		"prepull chunked 4MiB x8=--max-downloads 8 --layer-chunk-size 4MiB;" +
-		"prepull chunked 16MiB x8=--max-downloads 8 --layer-chunk-size 16MiB"
+		"prepull one stream=--layer-chunk-size 0;" +
+		"prepull ranged 4MiB x8=--layer-chunk-size 4MiB --layer-fetch-buffer 32MiB"
 	allPhases = "ctr-seq,ctr-local,ctr-par,prepull,decomp,ideal,capped"
 )
 
