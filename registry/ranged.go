@@ -414,17 +414,17 @@ func (b *rangedBody) Read(p []byte) (int, error) {
 			}
 			continue
 		}
-		if err := b.next0(); err != nil {
+		if err := b.advance(); err != nil {
 			b.err = err
 			return 0, err
 		}
 	}
 }
 
-// next0 gets the chunk at b.pos ready: fetched ahead (then b.cur is set),
+// advance gets the chunk at b.pos ready: fetched ahead (then b.cur is set),
 // or claimed by the reader (then b.direct is positioned at it), or, once
 // ranges failed, a plain stream from b.delivered.
-func (b *rangedBody) next0() error {
+func (b *rangedBody) advance() error {
 	if b.plain {
 		return b.openPlain()
 	}
