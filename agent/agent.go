@@ -301,9 +301,6 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 		unpackOpts = append(unpackOpts, containerd.WithUnpackLimiter(a.unpacks))
 	}
 	opts = append(opts, containerd.WithUnpackOpts(unpackOpts))
-	if a.opts.layerChunkSize >= 512 {
-		opts = append(opts, containerd.WithConcurrentLayerFetchBuffer(a.opts.layerChunkSize))
-	}
 	if a.downloads != nil {
 		opts = append(opts, containerd.WithDownloadLimiter(a.downloads))
 	}

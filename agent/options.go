@@ -15,22 +15,21 @@ type Option func(*settings)
 // settings are what the options set; the zero value of a field means its
 // default.
 type settings struct {
-	namespace      string
-	snapshotter    string
-	hostsDir       string
-	registryOpts   []registry.ResolverOption
-	concurrency    int
-	maxDownloads   int
-	layerChunkSize int
-	downloadLimit  int
-	unpackLimit    int
-	discardLayers  *bool
-	observer       Observer
-	imageTimeout   time.Duration
-	order          string
-	applier        string
-	layerObserver  applier.Observer
-	stream         bool
+	namespace     string
+	snapshotter   string
+	hostsDir      string
+	registryOpts  []registry.ResolverOption
+	concurrency   int
+	maxDownloads  int
+	downloadLimit int
+	unpackLimit   int
+	discardLayers *bool
+	observer      Observer
+	imageTimeout  time.Duration
+	order         string
+	applier       string
+	layerObserver applier.Observer
+	stream        bool
 }
 
 // WithNamespace sets containerd's namespace (default k8s.io, the CRI's).
@@ -53,10 +52,6 @@ func WithConcurrency(n int) Option { return func(s *settings) { s.concurrency = 
 // WithMaxDownloads bounds layer downloads per image, and the parallel
 // ranged requests per layer with WithLayerChunkSize (default 3).
 func WithMaxDownloads(n int) Option { return func(s *settings) { s.maxDownloads = n } }
-
-// WithLayerChunkSize, n ≥ 512, fetches large layers as parallel ranged
-// requests of n bytes (containerd's ConcurrentLayerFetchBuffer); 0 is off.
-func WithLayerChunkSize(n int) Option { return func(s *settings) { s.layerChunkSize = n } }
 
 // WithDownloadLimit bounds blob requests in flight across all images
 // (0: no global bound).
@@ -124,7 +119,7 @@ func newSettings(opts []Option) (settings, error) {
 	if s.maxDownloads <= 0 {
 		errs = append(errs, fmt.Errorf("max downloads must be positive, got %d", s.maxDownloads))
 	}
-	if s.layerChunkSize < 0 || s.downloadLimit < 0 || s.unpackLimit < 0 {
+	if s.downloadLimit < 0 || s.unpackLimit < 0 {
 		errs = append(errs, errors.New("layer chunk size, download limit and unpack limit must not be negative"))
 	}
 	if s.imageTimeout < 0 {

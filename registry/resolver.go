@@ -18,8 +18,9 @@ import (
 type ResolverOption func(*resolverSettings)
 
 type resolverSettings struct {
-	creds func(host string) (string, string, error)
-	wrap  func(http.RoundTripper) http.RoundTripper
+	creds  func(host string) (string, string, error)
+	wrap   func(http.RoundTripper) http.RoundTripper
+	ranged *Ranged
 }
 
 // WithCredentials gives the username and secret for a registry host (empty
@@ -34,11 +35,18 @@ func WithTransport(wrap func(http.RoundTripper) http.RoundTripper) ResolverOptio
 	return func(s *resolverSettings) { s.wrap = wrap }
 }
 
+// WithRanged fetches big blobs through r (parallel ranged requests into
+// r's shared buffers), above the WithTransport wrapper: each ranged request
+// goes through it (retries, resume, credential refresh).
+func WithRanged(r *Ranged) ResolverOption {
+	return func(s *resolverSettings) { s.ranged = r }
+}
+
 // NewResolver returns containerd's registry resolver with the hosts
 // directory (certs.d layout; "" for none) read exactly as the CRI plugin
 // reads it (mirrors, CAs, skip_verify, plain-HTTP localhost). Its transport
-// keeps 32 idle connections per host (parallel layer fetches want more than
-// the stock 2), adds the body bytes of every response to the counter of the
+// keeps 32 idle connections per host (parallel layer fetches and ranged
+// requests want more than the stock 2), adds the body bytes of every response to the counter of the
 // request's context (WithByteCounter), and it rejects a reference served as
 // something other than an image manifest or index (ErrNotAnImage).
 func NewResolver(ctx context.Context, hostsDir string, opts ...ResolverOption) remotes.Resolver {
@@ -55,9 +63,13 @@ func NewResolver(ctx context.Context, hostsDir string, opts ...ResolverOption) r
 			rt := c.Transport
 			if t, ok := rt.(*http.Transport); ok {
 				t.MaxIdleConnsPerHost = 32
+				t.MaxIdleConns = max(t.MaxIdleConns, 100)
 			}
 			if set.wrap != nil {
 				rt = set.wrap(rt)
+			}
+			if set.ranged != nil {
+				rt = set.ranged.Wrap(rt)
 			}
 			c.Transport = &countingTransport{next: rt}
 			return nil

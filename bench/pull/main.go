@@ -80,6 +80,7 @@ const (
 		"prepull discard (as on EKS)=--discard-layers true"
 	defaultCapVariants = "prepull defaults=;" +
 		"prepull no streaming=--stream-layers=false;" +
+		"prepull one stream=--layer-chunk-size 0;" +
 		"prepull containerd applier=--applier containerd"
 	allPhases = "ctr-seq,ctr-local,ctr-par,prepull,decomp,ideal,capped"
 )

@@ -329,6 +329,16 @@ func TestErrorsAreOneClearLine(t *testing.T) {
 			args: []string{"pull", "--bogus"},
 			code: 2, contains: []string{"unknown flag: --bogus"},
 		},
+		{
+			name: "chunk too small",
+			args: []string{"pull", "--image", "nginx:1.25", "--layer-chunk-size", "1KiB"},
+			code: 2, contains: []string{"--layer-chunk-size 1KiB: want 0 (off) or at least 64KiB"},
+		},
+		{
+			name: "fetch buffer under a chunk",
+			args: []string{"pull", "--image", "nginx:1.25", "--layer-fetch-buffer", "1MiB"},
+			code: 2, contains: []string{"--layer-fetch-buffer 1MiB: want at least one chunk"},
+		},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -40,6 +40,7 @@ type globals struct {
 	downloadLimit     int
 	unpackLimit       int
 	layerChunkSize    string
+	layerFetchBuffer  string
 	discardLayers     string
 	stallTimeout      time.Duration
 	imageTimeout      time.Duration
@@ -98,10 +99,11 @@ environment over the manifest's settings.`,
 	pf.StringVar(&g.logFormat, "log-format", "auto", "log format: auto (console on a terminal, else json), json, console")
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	pf.DurationVar(&g.timeout, "timeout", 0, "give up on the whole command after this long (0: no limit)")
-	pf.IntVar(&g.maxDownloads, "max-downloads", 3, "layer downloads at once per image (and ranged requests per layer with --layer-chunk-size)")
+	pf.IntVar(&g.maxDownloads, "max-downloads", 3, "layer downloads at once per image (a layer fetched in ranges counts once)")
 	pf.IntVar(&g.downloadLimit, "download-limit", 0, "blob downloads at once across all images (0: no bound beyond --concurrency × --max-downloads)")
 	pf.IntVar(&g.unpackLimit, "unpack-limit", 0, "layer unpacks at once across all images (0: no bound)")
-	pf.StringVar(&g.layerChunkSize, "layer-chunk-size", "0", "fetch big layers as parallel ranged requests of this size, e.g. 16MiB (0: one stream per layer)")
+	pf.StringVar(&g.layerChunkSize, "layer-chunk-size", "2MiB", "fetch layers of 4 chunks or more as parallel ranged requests of this size, at least 64KiB (0: one stream per layer)")
+	pf.StringVar(&g.layerFetchBuffer, "layer-fetch-buffer", "16MiB", "memory for ranged layer chunks, shared by all downloads: bounds the ranged requests in flight to this / --layer-chunk-size")
 	pf.StringVar(&g.discardLayers, "discard-layers", "auto", "let containerd GC layer blobs once unpacked: auto (as the CRI's discard_unpacked_layers), true, false")
 	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long (0: never)")
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
@@ -256,9 +258,8 @@ func (g *globals) withTimeout(ctx context.Context) (context.Context, context.Can
 // (PersistentPreRunE) and again when the agent is built, after the
 // manifest's settings applied.
 func (g *globals) agentOptions() ([]agent.Option, error) {
-	chunk, err := manifest.ParseSize(g.layerChunkSize)
-	if err != nil {
-		return nil, usagef("--layer-chunk-size: %v", err)
+	if _, err := g.ranged(zap.NewNop()); err != nil {
+		return nil, err
 	}
 	// The flags' own words first; agent.Validate below backs them up.
 	switch {
@@ -280,7 +281,6 @@ func (g *globals) agentOptions() ([]agent.Option, error) {
 		agent.WithSnapshotter(g.snapshotter),
 		agent.WithConcurrency(g.concurrency),
 		agent.WithMaxDownloads(g.maxDownloads),
-		agent.WithLayerChunkSize(int(chunk)),
 		agent.WithDownloadLimit(g.downloadLimit),
 		agent.WithUnpackLimit(g.unpackLimit),
 		agent.WithImageTimeout(g.imageTimeout),
@@ -302,6 +302,31 @@ func (g *globals) agentOptions() ([]agent.Option, error) {
 		return nil, usagef("pull settings: %v", err)
 	}
 	return opts, nil
+}
+
+// ranged is the ranged fetch of every pull (--layer-chunk-size,
+// --layer-fetch-buffer); nil when off. It replaces containerd's chunked
+// fetch (containerd.WithConcurrentLayerFetchBuffer), whose buffers are per
+// layer.
+func (g *globals) ranged(log *zap.Logger) (*registry.Ranged, error) {
+	chunk, err := manifest.ParseSize(g.layerChunkSize)
+	if err != nil {
+		return nil, usagef("--layer-chunk-size: %v", err)
+	}
+	buffer, err := manifest.ParseSize(g.layerFetchBuffer)
+	if err != nil {
+		return nil, usagef("--layer-fetch-buffer: %v", err)
+	}
+	if chunk == 0 {
+		return nil, nil
+	}
+	if chunk < registry.MinChunkSize {
+		return nil, usagef("--layer-chunk-size %s: want 0 (off) or at least 64KiB", g.layerChunkSize)
+	}
+	if buffer < chunk {
+		return nil, usagef("--layer-fetch-buffer %s: want at least one chunk (--layer-chunk-size %s)", g.layerFetchBuffer, g.layerChunkSize)
+	}
+	return registry.NewRanged(chunk, buffer, registry.WithRangedLogger(log))
 }
 
 // transport is the registry transport wrapper of every pull: the keychain
@@ -331,8 +356,16 @@ func (g *globals) newAgent(ctx context.Context, client *containerd.Client, set *
 		obs = append(obs, set)
 		opts = append(opts, agent.WithLayerObserver(set))
 	}
+	regOpts := []registry.ResolverOption{registry.WithCredentials(kc.Credentials(ctx)), registry.WithTransport(g.transport(kc, set))}
+	ranged, err := g.ranged(g.logger)
+	if err != nil {
+		return nil, err
+	}
+	if ranged != nil {
+		regOpts = append(regOpts, registry.WithRanged(ranged))
+	}
 	opts = append(opts,
-		agent.WithRegistry(g.hostsDir, registry.WithCredentials(kc.Credentials(ctx)), registry.WithTransport(g.transport(kc, set))),
+		agent.WithRegistry(g.hostsDir, regOpts...),
 		agent.WithObserver(observers(obs)))
 	a, err := agent.New(client, g.logger, opts...)
 	if err != nil {

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/prepull/prepull/internal/harness"
+)
+
+// TestRangedPull pulls an image whose layer is 5 default chunks (10 MiB)
+// through the real containerd: with prepull's defaults the layer comes in
+// ranged requests the registry answers 206; with --layer-chunk-size 0 in
+// one stream; and from a registry that ignores Range, in one stream after
+// a logged fallback. Each time the image is ready for the CRI (containerd
+// verified the layer's digest and diffID).
+func TestRangedPull(t *testing.T) {
+	ctx := t.Context()
+	push := func(rt string, seed uint64) {
+		// Random data does not compress: the gzip layer is ~10 MiB.
+		l, err := harness.Layer(harness.RandomFiles("big", 10, 1<<20, seed), true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{l}, OCI: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := env.Pusher.Push(ctx, rt, img); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name         string
+		seed         uint64
+		args         []string
+		ignoreRanges bool
+		wantRanges   bool
+	}{
+		{name: "defaults", seed: 901, wantRanges: true},
+		{name: "off", seed: 902, args: []string{"--layer-chunk-size", "0"}},
+		{name: "registry ignores ranges", seed: 903, ignoreRanges: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rt := "ranged/" + strings.ReplaceAll(tc.name, " ", "-") + ":1"
+			push(rt, tc.seed)
+			p := newProxy(t)
+			var mu sync.Mutex
+			var rangedGETs []string
+			p.SetFault(func(w http.ResponseWriter, r *http.Request) bool {
+				if rng := r.Header.Get("Range"); rng != "" && strings.Contains(r.URL.Path, "/blobs/") {
+					mu.Lock()
+					rangedGETs = append(rangedGETs, rng)
+					mu.Unlock()
+					if tc.ignoreRanges {
+						r.Header.Del("Range")
+						r.Header.Del("If-Range")
+					}
+				}
+				return false
+			})
+			ref := p.Host + "/" + rt
+			c := runPrepull(t, append([]string{"pull", "--image", ref}, tc.args...)...)
+			c.wantCode(0)
+			criImage(t, ref, true)
+			mu.Lock()
+			n := len(rangedGETs)
+			mu.Unlock()
+			if tc.wantRanges && n < 4 {
+				t.Errorf("%d ranged blob requests, want the layer's chunks after the first (4): %v", n, rangedGETs)
+			}
+			if !tc.wantRanges && !tc.ignoreRanges && n != 0 {
+				t.Errorf("ranged blob requests with the fetch off: %v", rangedGETs)
+			}
+			if tc.wantRanges {
+				for _, r := range p.Requests() {
+					if strings.Contains(r.Path, "/blobs/") && r.Status != http.StatusOK && r.Status != http.StatusPartialContent {
+						t.Errorf("blob request %s answered %d", r.Path, r.Status)
+					}
+				}
+			}
+			fellBack := strings.Contains(c.stderr, "ranged blob fetch fell back to one stream")
+			if fellBack != tc.ignoreRanges {
+				t.Errorf("fallback logged %v, want %v:\n%s", fellBack, tc.ignoreRanges, c.stderr)
+			}
+		})
+	}
+}
