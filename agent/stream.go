@@ -64,7 +64,7 @@ func handOver(err error) error { return handOverError{err} }
 // teeBuffer and teeBuffers bound what one streamed layer holds for the
 // content store writer: the stream waits when the writer is this far behind.
 const (
-	teeBuffer  = 512 << 10
+	teeBuffer  = 256 << 10
 	teeBuffers = 3
 )
 
