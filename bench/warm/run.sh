@@ -19,7 +19,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export WORK=${WORK:-/var/tmp/prepull-bench-warm}
-export DISK=$WORK/disk-v2.img
+# DISK may point at another WORK's image (it is only read): a second tree then benches without
+# laying out its own.
+export DISK=${DISK:-$WORK/disk-v2.img}
 export DELAY=${DELAY:-5ms}
 # shellcheck source=stack.sh
 source "$HERE/stack.sh"
@@ -59,10 +61,11 @@ C="C=$M/5/fs:$M/1/fs"
 LAYERS=("$M/1/fs" "$M/2/fs" "$M/3/fs" "$M/4/fs" "$M/5/fs")
 RESULTS=$WORK/results.tsv
 
-# contender NAME NEEDED_MIB CMD...
+# contender NAME NEEDED_MIB CMD...: runs it unless ONLY (a regular expression) leaves it out.
 contender() {
 	local name=$1 needed=$2
 	shift 2
+	[[ -z ${ONLY:-} || $name =~ ^($ONLY)$ ]] || return 0
 	stack_up
 	local t0 t1
 	t0=$(date +%s.%N)
@@ -82,7 +85,14 @@ DEV_MIB=$(($(blockdev --getsize64 "$(cat "$WORK/loopdev")") >> 20))
 stack_down >/dev/null
 
 if [[ -z ${TABLE_ONLY:-} ]]; then
-: >"$RESULTS"
+if [[ -n ${ONLY:-} ]]; then
+	# Re-run some contenders: keep the other rows of the last run.
+	touch "$RESULTS"
+	awk -F'\t' -v only="^($ONLY)$" '$1 !~ only' "$RESULTS" >"$RESULTS.keep"
+	mv "$RESULTS.keep" "$RESULTS"
+else
+	: >"$RESULTS"
+fi
 WD=("$WORK/warmdriver" warm)
 BASE="$WORK/warmdriver-base"
 dirs() { tr ':' ' ' <<<"${1#*=}"; }
