@@ -114,11 +114,15 @@ func plan(exts []extent, size, limit int64) (dev []extent, through [][2]int64, h
 	return dev, through, holes + max(0, size-covered)
 }
 
-// extFile is a file whose blocks wait for device requests. It holds no descriptor: a file whose
-// extents changed in between is reopened by path (and checked) to be read through.
+// extFile is a file whose blocks wait for device requests. It holds no descriptor of its own but
+// a reference to its directory's: the check after the reads, and the reopen of a file whose
+// extents changed in between, look up the one name in that directory (no walk of the whole path,
+// and a directory swapped since cannot lead elsewhere).
 type extFile struct {
 	r        *run
 	ds       *devState
+	dir      *dirHandle // nil: path is looked up from the root
+	name     string     // in dir
 	path     string
 	dev, ino uint64
 	size     int64
@@ -179,6 +183,7 @@ func (b *batch) device(r *run, dev uint64) {
 			}
 		} else {
 			b.w.log.Debug("extents mode reads the layers' block device", zap.String("device", bd.path), zap.Int64("offset", bd.offset))
+			b.startAIO()
 		}
 	}
 	b.devMu.Unlock()
@@ -212,7 +217,8 @@ func (b *batch) deviceFor(r *run, dev uint64) *devState {
 // requests; ranges the device cannot serve are read through the file here. It returns false, with
 // fd still open, when the file must be read through the file system instead; true when it took
 // over (and closed) fd.
-func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Stat_t, ds *devState, buf []byte) bool {
+func (r *run) readExtents(ctx context.Context, j job, fd int, st *unix.Stat_t, ds *devState, buf []byte) bool {
+	path := j.path
 	queried := time.Now().UnixNano()
 	exts, err := fiemap(fd, st.Size, buf)
 	if err != nil {
@@ -256,6 +262,10 @@ func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Sta
 	r.usedExtents()
 	ef := &extFile{r: r, ds: ds, path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
 		ctime: st.Ctim, mtime: st.Mtim, queried: queried, planned: dev, want: want}
+	if j.dir != nil {
+		j.dir.refs.Add(1)
+		ef.dir, ef.name = j.dir, j.name
+	}
 	r.addPending(1)
 	ds.mu.Lock()
 	ds.files = append(ds.files, ef)
@@ -275,7 +285,23 @@ func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Sta
 // before it.
 const defaultSettled = time.Second
 
-// unchanged reports, with one lstat, that the file cannot have changed since its extents were
+// at returns the directory descriptor and name to look f up by.
+func (f *extFile) at() (int, string) {
+	if f.dir == nil {
+		return unix.AT_FDCWD, f.path
+	}
+	return f.dir.fd, f.name
+}
+
+// release lets go of f's directory and of its share of the run's pending work.
+func (f *extFile) release() {
+	if f.dir != nil {
+		f.dir.release()
+	}
+	f.r.addPending(-1)
+}
+
+// unchanged reports, with one lstat relative to its directory, that the file cannot have changed since its extents were
 // queried: same inode, size and modification time, and a change time that lay well before the
 // query and is still the same (any change since would have set it to a later time). When it
 // cannot tell, the caller compares the extents themselves.
@@ -284,7 +310,8 @@ func (f *extFile) unchanged() bool {
 		return false
 	}
 	var st unix.Stat_t
-	if err := unix.Fstatat(unix.AT_FDCWD, f.path, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	dirfd, name := f.at()
+	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return false
 	}
 	return st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Dev) == f.dev && st.Ino == f.ino && st.Size == f.size &&
@@ -296,7 +323,7 @@ func (f *extFile) unchanged() bool {
 // does, its bytes are counted; if not, or a request failed, the file is read through the file
 // system instead.
 func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
-	defer r.addPending(-1)
+	defer f.release()
 	if ctx.Err() != nil {
 		return
 	}
@@ -305,7 +332,8 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 		r.w.cfg.observer.AddBytes(f.want)
 		return
 	}
-	fd, err := openNoFollow(f.path, unix.O_NONBLOCK)
+	dirfd, name := f.at()
+	fd, err := openatNoFollow(dirfd, name, unix.O_NONBLOCK)
 	if err != nil {
 		// Removed since: nothing left to warm.
 		r.c.changed.Add(1)

@@ -48,7 +48,7 @@ func (r *run) readFile(ctx context.Context, j job, buf []byte) {
 		r.c.priority.Add(1)
 	}
 	if !j.priority && r.w.usesExtents() {
-		if d := r.b.deviceFor(r, uint64(st.Dev)); d != nil && r.readExtents(ctx, j.path, fd, &st, d, buf) {
+		if d := r.b.deviceFor(r, uint64(st.Dev)); d != nil && r.readExtents(ctx, j, fd, &st, d, buf) {
 			return
 		}
 	}
