@@ -133,7 +133,14 @@ func (b *batch) readRequest(ctx context.Context, q *devRequest, buf []byte) {
 		b.dropRequest(q)
 		return
 	}
-	got, err := b.preadDevice(q.d.bd, buf[:n], q.off)
+	var err error
+	var got int
+	for {
+		got, err = unix.Pread(q.d.bd.fd, buf[:n], q.off)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
 	if b.w.onDevice != nil {
 		b.w.onDevice(q.off, int(n))
 	}
@@ -153,40 +160,6 @@ func (b *batch) readRequest(ctx context.Context, q *devRequest, buf []byte) {
 		}
 		if f.pending.Add(-1) == 0 {
 			f.r.finishExtFile(ctx, f, buf)
-		}
-	}
-}
-
-// startAIO sets up the batch's Linux AIO context, once, when it opened a block device; without
-// one, device reads block in pread (and one log line says why).
-func (b *batch) startAIO() {
-	if b.aio != nil || b.aioErr != nil {
-		return
-	}
-	if b.w.noAIO != nil {
-		b.aioErr = b.w.noAIO
-	} else {
-		b.aio, b.aioErr = newAIO(b.w.cfg.workers)
-	}
-	if b.aioErr != nil {
-		b.w.log.Info("extents mode reads the block device with blocking preads: Linux AIO is not available", zap.Error(b.aioErr))
-	}
-}
-
-// preadDevice reads buf at off of the device: through AIO where the batch has it, else (or when
-// a submit fails) with pread.
-func (b *batch) preadDevice(bd *blockDev, buf []byte, off int64) (int, error) {
-	if b.aio != nil {
-		got, err := b.aio.pread(bd.fd, buf, off)
-		if !errors.Is(err, errSubmit) {
-			return got, err
-		}
-		b.w.log.Debug("aio submit failed: reading with pread", zap.String("device", bd.path), zap.Error(err))
-	}
-	for {
-		got, err := unix.Pread(bd.fd, buf, off)
-		if !errors.Is(err, unix.EINTR) {
-			return got, err
 		}
 	}
 }
@@ -219,10 +192,6 @@ func (b *batch) dropPending() {
 func (b *batch) close() {
 	b.devMu.Lock()
 	defer b.devMu.Unlock()
-	if b.aio != nil {
-		b.aio.close()
-		b.aio = nil
-	}
 	for _, ds := range b.devs {
 		if ds.bd != nil {
 			ds.bd.close()

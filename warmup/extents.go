@@ -183,7 +183,6 @@ func (b *batch) device(r *run, dev uint64) {
 			}
 		} else {
 			b.w.log.Debug("extents mode reads the layers' block device", zap.String("device", bd.path), zap.Int64("offset", bd.offset))
-			b.startAIO()
 		}
 	}
 	b.devMu.Unlock()
@@ -301,10 +300,10 @@ func (f *extFile) release() {
 	f.r.addPending(-1)
 }
 
-// unchanged reports, with one lstat relative to its directory, that the file cannot have changed since its extents were
-// queried: same inode, size and modification time, and a change time that lay well before the
-// query and is still the same (any change since would have set it to a later time). When it
-// cannot tell, the caller compares the extents themselves.
+// unchanged reports, with one lstat of its name in its directory, that the file cannot have
+// changed since its extents were queried: same inode, size and modification time, and a change
+// time that lay well before the query and is still the same (any change since would have set it
+// to a later time). When it cannot tell, the caller compares the extents themselves.
 func (f *extFile) unchanged() bool {
 	if f.queried-f.ctime.Nano() < int64(f.r.w.settled) {
 		return false

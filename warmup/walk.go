@@ -221,10 +221,6 @@ type batch struct {
 	devs  map[uint64]*devState
 	// pendingExt counts files whose extents wait in a collector for a flush.
 	pendingExt atomic.Int64
-	// aio reads the devices (nil: pread), set up with the first device, before the workers start;
-	// aioErr says why it is nil.
-	aio    *aioEngine
-	aioErr error
 }
 
 func newBatch(w *Warmer) *batch { return &batch{w: w, devs: map[uint64]*devState{}} }

@@ -143,8 +143,6 @@ type Warmer struct {
 	afterQuery func(path string)
 	sysfs      string
 	devDir     string
-	// noAIO, when set, is the error Linux AIO's set-up is taken to have failed with.
-	noAIO error
 	// settled: see defaultSettled (tests shorten it to take the one-lstat path on fresh files).
 	settled time.Duration
 }
