@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -97,9 +98,10 @@ func fiemap(fd int, size int64, buf []byte) ([]extent, error) {
 
 // plan splits a file's extents into those to read from the device (within limit bytes of the file
 // system), the ranges to read through the file, and the bytes that need no read at all (holes and
-// unwritten extents).
+// unwritten extents). dev reuses exts' array (one allocation less per file).
 func plan(exts []extent, size, limit int64) (dev []extent, through [][2]int64, holes int64) {
 	covered := int64(0)
+	dev = exts[:0] // in place: each extent is read before its slot can be written
 	for _, e := range exts {
 		covered += e.length
 		switch {
@@ -123,7 +125,7 @@ type extFile struct {
 	ds       *devState
 	dir      *dirHandle // nil: path is looked up from the root
 	name     string     // in dir
-	path     string
+	path     string     // when dir is nil (see filePath)
 	dev, ino uint64
 	size     int64
 	ctime    unix.Timespec // as the query's fstat saw them
@@ -217,23 +219,22 @@ func (b *batch) deviceFor(r *run, dev uint64) *devState {
 // fd still open, when the file must be read through the file system instead; true when it took
 // over (and closed) fd.
 func (r *run) readExtents(ctx context.Context, j job, fd int, st *unix.Stat_t, ds *devState, buf []byte) bool {
-	path := j.path
 	queried := time.Now().UnixNano()
 	exts, err := fiemap(fd, st.Size, buf)
 	if err != nil {
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
 			reason := FallbackFiemap
 			if ds.broken.CompareAndSwap(nil, &reason) {
-				r.log.Warn("extents mode falls back to reading files: the file system does not answer FIEMAP", zap.String("path", path), zap.Error(err))
+				r.log.Warn("extents mode falls back to reading files: the file system does not answer FIEMAP", zap.String("path", j.filePath()), zap.Error(err))
 			}
 			r.setFallback(reason)
 		} else {
-			r.log.Debug("fiemap", zap.String("path", path), zap.Error(err))
+			r.log.Debug("fiemap", zap.String("path", j.filePath()), zap.Error(err))
 		}
 		return false
 	}
 	if r.w.afterQuery != nil {
-		r.w.afterQuery(path)
+		r.w.afterQuery(j.filePath())
 	}
 	dev, through, holes := plan(exts, st.Size, ds.bd.limit-ds.bd.offset)
 	r.c.holes.Add(holes)
@@ -249,7 +250,7 @@ func (r *run) readExtents(ctx context.Context, j job, fd int, st *unix.Stat_t, d
 		}
 	}
 	if len(through) > 0 {
-		f := &openFile{fd: fd, path: path}
+		f := &openFile{fd: fd, path: j.filePath()}
 		for _, t := range through {
 			r.readRange(ctx, f, buf, t[0], t[1])
 		}
@@ -259,11 +260,13 @@ func (r *run) readExtents(ctx context.Context, j job, fd int, st *unix.Stat_t, d
 		return true
 	}
 	r.usedExtents()
-	ef := &extFile{r: r, ds: ds, path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
+	ef := &extFile{r: r, ds: ds, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
 		ctime: st.Ctim, mtime: st.Mtim, queried: queried, planned: dev, want: want}
 	if j.dir != nil {
 		j.dir.refs.Add(1)
 		ef.dir, ef.name = j.dir, j.name
+	} else {
+		ef.path = j.path
 	}
 	r.addPending(1)
 	ds.mu.Lock()
@@ -283,6 +286,14 @@ func (r *run) readExtents(ctx context.Context, j job, fd int, st *unix.Stat_t, d
 // one scheduler tick coarse, so a change right after the query could repeat a ctime from just
 // before it.
 const defaultSettled = time.Second
+
+// filePath is f's path, for a log line or a read through the file.
+func (f *extFile) filePath() string {
+	if f.dir == nil {
+		return f.path
+	}
+	return filepath.Join(f.dir.path, f.name)
+}
 
 // at returns the directory descriptor and name to look f up by.
 func (f *extFile) at() (int, string) {
@@ -336,7 +347,7 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 	if err != nil {
 		// Removed since: nothing left to warm.
 		r.c.changed.Add(1)
-		r.log.Debug("reopen file", zap.String("path", f.path), zap.Error(err))
+		r.log.Debug("reopen file", zap.String("path", f.filePath()), zap.Error(err))
 		return
 	}
 	var st unix.Stat_t
@@ -344,7 +355,7 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 		// Not a regular file of this file system any more: never read it.
 		unix.Close(fd)
 		r.c.changed.Add(1)
-		r.log.Debug("file changed after the extent query", zap.String("path", f.path), zap.Error(err))
+		r.log.Debug("file changed after the extent query", zap.String("path", f.filePath()), zap.Error(err))
 		return
 	}
 	same := st.Ino == f.ino && st.Size == f.size
@@ -361,10 +372,10 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 	}
 	if !same {
 		r.c.changed.Add(1)
-		r.log.Debug("file changed after the extent query: reading it through the file", zap.String("path", f.path))
+		r.log.Debug("file changed after the extent query: reading it through the file", zap.String("path", f.filePath()))
 	}
 	if r.w.cfg.budget > 0 {
 		r.budgetLeft.Add(f.want)
 	}
-	r.readThrough(ctx, f.path, fd, st.Size, st.Blocks*512 < st.Size, false, buf)
+	r.readThrough(ctx, f.filePath(), fd, st.Size, st.Blocks*512 < st.Size, false, buf)
 }
