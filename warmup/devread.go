@@ -168,7 +168,7 @@ func (b *batch) readRequest(ctx context.Context, q *devRequest, buf []byte) {
 func (b *batch) dropRequest(q *devRequest) {
 	for _, f := range q.files {
 		if f.pending.Add(-1) == 0 {
-			f.r.addPending(-1)
+			f.release()
 		}
 	}
 }
@@ -180,7 +180,7 @@ func (b *batch) dropPending() {
 	for _, ds := range b.devs {
 		ds.mu.Lock()
 		for _, f := range ds.files {
-			f.r.addPending(-1)
+			f.release()
 		}
 		b.pendingExt.Add(-int64(len(ds.files)))
 		ds.files, ds.bytes = nil, 0

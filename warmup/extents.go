@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -97,9 +98,10 @@ func fiemap(fd int, size int64, buf []byte) ([]extent, error) {
 
 // plan splits a file's extents into those to read from the device (within limit bytes of the file
 // system), the ranges to read through the file, and the bytes that need no read at all (holes and
-// unwritten extents).
+// unwritten extents). dev reuses exts' array (one allocation less per file).
 func plan(exts []extent, size, limit int64) (dev []extent, through [][2]int64, holes int64) {
 	covered := int64(0)
+	dev = exts[:0] // in place: each extent is read before its slot can be written
 	for _, e := range exts {
 		covered += e.length
 		switch {
@@ -114,12 +116,16 @@ func plan(exts []extent, size, limit int64) (dev []extent, through [][2]int64, h
 	return dev, through, holes + max(0, size-covered)
 }
 
-// extFile is a file whose blocks wait for device requests. It holds no descriptor: a file whose
-// extents changed in between is reopened by path (and checked) to be read through.
+// extFile is a file whose blocks wait for device requests. It holds no descriptor of its own but
+// a reference to its directory's: the check after the reads, and the reopen of a file whose
+// extents changed in between, look up the one name in that directory (no walk of the whole path,
+// and a directory swapped since cannot lead elsewhere).
 type extFile struct {
 	r        *run
 	ds       *devState
-	path     string
+	dir      *dirHandle // nil: path is looked up from the root
+	name     string     // in dir
+	path     string     // when dir is nil (see filePath)
 	dev, ino uint64
 	size     int64
 	ctime    unix.Timespec // as the query's fstat saw them
@@ -212,23 +218,23 @@ func (b *batch) deviceFor(r *run, dev uint64) *devState {
 // requests; ranges the device cannot serve are read through the file here. It returns false, with
 // fd still open, when the file must be read through the file system instead; true when it took
 // over (and closed) fd.
-func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Stat_t, ds *devState, buf []byte) bool {
+func (r *run) readExtents(ctx context.Context, j job, fd int, st *unix.Stat_t, ds *devState, buf []byte) bool {
 	queried := time.Now().UnixNano()
 	exts, err := fiemap(fd, st.Size, buf)
 	if err != nil {
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTTY) || errors.Is(err, unix.EINVAL) {
 			reason := FallbackFiemap
 			if ds.broken.CompareAndSwap(nil, &reason) {
-				r.log.Warn("extents mode falls back to reading files: the file system does not answer FIEMAP", zap.String("path", path), zap.Error(err))
+				r.log.Warn("extents mode falls back to reading files: the file system does not answer FIEMAP", zap.String("path", j.filePath()), zap.Error(err))
 			}
 			r.setFallback(reason)
 		} else {
-			r.log.Debug("fiemap", zap.String("path", path), zap.Error(err))
+			r.log.Debug("fiemap", zap.String("path", j.filePath()), zap.Error(err))
 		}
 		return false
 	}
 	if r.w.afterQuery != nil {
-		r.w.afterQuery(path)
+		r.w.afterQuery(j.filePath())
 	}
 	dev, through, holes := plan(exts, st.Size, ds.bd.limit-ds.bd.offset)
 	r.c.holes.Add(holes)
@@ -244,7 +250,7 @@ func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Sta
 		}
 	}
 	if len(through) > 0 {
-		f := &openFile{fd: fd, path: path}
+		f := &openFile{fd: fd, path: j.filePath()}
 		for _, t := range through {
 			r.readRange(ctx, f, buf, t[0], t[1])
 		}
@@ -254,8 +260,14 @@ func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Sta
 		return true
 	}
 	r.usedExtents()
-	ef := &extFile{r: r, ds: ds, path: path, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
+	ef := &extFile{r: r, ds: ds, dev: uint64(st.Dev), ino: st.Ino, size: st.Size,
 		ctime: st.Ctim, mtime: st.Mtim, queried: queried, planned: dev, want: want}
+	if j.dir != nil {
+		j.dir.refs.Add(1)
+		ef.dir, ef.name = j.dir, j.name
+	} else {
+		ef.path = j.path
+	}
 	r.addPending(1)
 	ds.mu.Lock()
 	ds.files = append(ds.files, ef)
@@ -275,16 +287,41 @@ func (r *run) readExtents(ctx context.Context, path string, fd int, st *unix.Sta
 // before it.
 const defaultSettled = time.Second
 
-// unchanged reports, with one lstat, that the file cannot have changed since its extents were
-// queried: same inode, size and modification time, and a change time that lay well before the
-// query and is still the same (any change since would have set it to a later time). When it
-// cannot tell, the caller compares the extents themselves.
+// filePath is f's path, for a log line or a read through the file.
+func (f *extFile) filePath() string {
+	if f.dir == nil {
+		return f.path
+	}
+	return filepath.Join(f.dir.path, f.name)
+}
+
+// at returns the directory descriptor and name to look f up by.
+func (f *extFile) at() (int, string) {
+	if f.dir == nil {
+		return unix.AT_FDCWD, f.path
+	}
+	return f.dir.fd, f.name
+}
+
+// release lets go of f's directory and of its share of the run's pending work.
+func (f *extFile) release() {
+	if f.dir != nil {
+		f.dir.release()
+	}
+	f.r.addPending(-1)
+}
+
+// unchanged reports, with one lstat of its name in its directory, that the file cannot have
+// changed since its extents were queried: same inode, size and modification time, and a change
+// time that lay well before the query and is still the same (any change since would have set it
+// to a later time). When it cannot tell, the caller compares the extents themselves.
 func (f *extFile) unchanged() bool {
 	if f.queried-f.ctime.Nano() < int64(f.r.w.settled) {
 		return false
 	}
 	var st unix.Stat_t
-	if err := unix.Fstatat(unix.AT_FDCWD, f.path, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	dirfd, name := f.at()
+	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return false
 	}
 	return st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Dev) == f.dev && st.Ino == f.ino && st.Size == f.size &&
@@ -296,7 +333,7 @@ func (f *extFile) unchanged() bool {
 // does, its bytes are counted; if not, or a request failed, the file is read through the file
 // system instead.
 func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
-	defer r.addPending(-1)
+	defer f.release()
 	if ctx.Err() != nil {
 		return
 	}
@@ -305,11 +342,12 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 		r.w.cfg.observer.AddBytes(f.want)
 		return
 	}
-	fd, err := openNoFollow(f.path, unix.O_NONBLOCK)
+	dirfd, name := f.at()
+	fd, err := openatNoFollow(dirfd, name, unix.O_NONBLOCK)
 	if err != nil {
 		// Removed since: nothing left to warm.
 		r.c.changed.Add(1)
-		r.log.Debug("reopen file", zap.String("path", f.path), zap.Error(err))
+		r.log.Debug("reopen file", zap.String("path", f.filePath()), zap.Error(err))
 		return
 	}
 	var st unix.Stat_t
@@ -317,7 +355,7 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 		// Not a regular file of this file system any more: never read it.
 		unix.Close(fd)
 		r.c.changed.Add(1)
-		r.log.Debug("file changed after the extent query", zap.String("path", f.path), zap.Error(err))
+		r.log.Debug("file changed after the extent query", zap.String("path", f.filePath()), zap.Error(err))
 		return
 	}
 	same := st.Ino == f.ino && st.Size == f.size
@@ -334,10 +372,10 @@ func (r *run) finishExtFile(ctx context.Context, f *extFile, buf []byte) {
 	}
 	if !same {
 		r.c.changed.Add(1)
-		r.log.Debug("file changed after the extent query: reading it through the file", zap.String("path", f.path))
+		r.log.Debug("file changed after the extent query: reading it through the file", zap.String("path", f.filePath()))
 	}
 	if r.w.cfg.budget > 0 {
 		r.budgetLeft.Add(f.want)
 	}
-	r.readThrough(ctx, f.path, fd, st.Size, st.Blocks*512 < st.Size, false, buf)
+	r.readThrough(ctx, f.filePath(), fd, st.Size, st.Blocks*512 < st.Size, false, buf)
 }

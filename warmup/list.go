@@ -26,7 +26,7 @@ func (r *run) list(ctx context.Context, j job, _ []byte) {
 		r.result(ResultError)
 		return
 	}
-	h := &dirHandle{fd: fd}
+	h := &dirHandle{fd: fd, path: j.path}
 	h.refs.Store(1)
 	defer h.release()
 	var st unix.Stat_t
@@ -62,7 +62,7 @@ func (r *run) list(ctx context.Context, j job, _ []byte) {
 			if name == "." || name == ".." || ino == 0 {
 				continue
 			}
-			r.entry(h, j.path, uint64(st.Dev), ino, typ, name)
+			r.entry(h, uint64(st.Dev), ino, typ, name)
 		}
 	}
 }
@@ -86,14 +86,13 @@ func parseDirent(b []byte) (ino uint64, typ uint8, name string, reclen int) {
 }
 
 // entry classifies one directory entry by its d_type and queues what is to be read.
-func (r *run) entry(h *dirHandle, dir string, dev, ino uint64, typ uint8, name string) {
-	path := filepath.Join(dir, name)
+func (r *run) entry(h *dirHandle, dev, ino uint64, typ uint8, name string) {
 	if typ == unix.DT_UNKNOWN || typ == unix.DT_CHR {
 		// The file system did not say (DT_UNKNOWN), or a character device may be a whiteout (0:0):
 		// ask for the entry itself, never its target.
 		var st unix.Stat_t
 		if err := unix.Fstatat(h.fd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			r.log.Debug("lstat", zap.String("path", path), zap.Error(err))
+			r.log.Debug("lstat", zap.String("path", filepath.Join(h.path, name)), zap.Error(err))
 			r.result(ResultError)
 			return
 		}
@@ -106,7 +105,7 @@ func (r *run) entry(h *dirHandle, dir string, dev, ino uint64, typ uint8, name s
 	}
 	switch typ {
 	case unix.DT_DIR:
-		r.b.push(job{kind: jobDir, r: r, path: path, dev: dev, ino: ino})
+		r.b.push(job{kind: jobDir, r: r, path: filepath.Join(h.path, name), dev: dev, ino: ino})
 	case unix.DT_LNK:
 		r.result(ResultSymlink)
 	case unix.DT_REG:
@@ -115,7 +114,7 @@ func (r *run) entry(h *dirHandle, dir string, dev, ino uint64, typ uint8, name s
 			return
 		}
 		h.refs.Add(1)
-		r.b.push(job{kind: jobFile, r: r, path: path, dir: h, name: name, dev: dev, ino: ino})
+		r.b.push(job{kind: jobFile, r: r, dir: h, name: name, dev: dev, ino: ino})
 	default: // FIFO, socket, block or character device
 		r.result(ResultSpecial)
 	}

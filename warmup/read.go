@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"unsafe"
 
 	"go.uber.org/zap"
@@ -27,14 +28,14 @@ func (r *run) readFile(ctx context.Context, j job, buf []byte) {
 	}
 	fd, err := openatNoFollow(dirfd, name, unix.O_NONBLOCK)
 	if err != nil {
-		r.log.Debug("open file", zap.String("path", j.path), zap.Error(err))
+		r.log.Debug("open file", zap.String("path", j.filePath()), zap.Error(err))
 		r.result(ResultError)
 		return
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || uint64(st.Dev) != j.dev || st.Ino != j.ino {
 		unix.Close(fd)
-		r.log.Debug("file changed while opening", zap.String("path", j.path), zap.Error(err))
+		r.log.Debug("file changed while opening", zap.String("path", j.filePath()), zap.Error(err))
 		r.result(ResultError)
 		return
 	}
@@ -48,11 +49,11 @@ func (r *run) readFile(ctx context.Context, j job, buf []byte) {
 		r.c.priority.Add(1)
 	}
 	if !j.priority && r.w.usesExtents() {
-		if d := r.b.deviceFor(r, uint64(st.Dev)); d != nil && r.readExtents(ctx, j.path, fd, &st, d, buf) {
+		if d := r.b.deviceFor(r, uint64(st.Dev)); d != nil && r.readExtents(ctx, j, fd, &st, d, buf) {
 			return
 		}
 	}
-	r.readThrough(ctx, j.path, fd, st.Size, st.Blocks*512 < st.Size, j.priority, buf)
+	r.readThrough(ctx, j.filePath(), fd, st.Size, st.Blocks*512 < st.Size, j.priority, buf)
 }
 
 // readThrough reads an open file through the file system: its first segment here, the others
@@ -182,10 +183,30 @@ func openNoFollow(path string, flags int) (int, error) {
 // openatNoFollow is openNoFollow relative to the directory dirfd.
 func openatNoFollow(dirfd int, path string, flags int) (int, error) {
 	flags |= unix.O_RDONLY | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	// A name of a listing is short: terminate it in a buffer on the stack rather than allocate a
+	// copy for every file (unix.Openat does).
+	var b [256]byte
+	var p *byte
+	if len(path) < len(b) && strings.IndexByte(path, 0) < 0 {
+		copy(b[:], path)
+		p = &b[0]
+	} else {
+		var err error
+		if p, err = unix.BytePtrFromString(path); err != nil {
+			return -1, &os.PathError{Op: "open", Path: path, Err: err}
+		}
+	}
+	openat := func(flags int) (int, error) {
+		fd, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(dirfd), uintptr(unsafe.Pointer(p)), uintptr(flags), 0, 0, 0)
+		if errno != 0 {
+			return -1, errno
+		}
+		return int(fd), nil
+	}
 	for {
-		fd, err := unix.Openat(dirfd, path, flags|unix.O_NOATIME, 0)
+		fd, err := openat(flags | unix.O_NOATIME)
 		if errors.Is(err, unix.EPERM) {
-			fd, err = unix.Openat(dirfd, path, flags, 0)
+			fd, err = openat(flags)
 		}
 		if errors.Is(err, unix.EINTR) {
 			continue

@@ -2,6 +2,7 @@ package warmup
 
 import (
 	"context"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,7 +36,7 @@ const (
 type job struct {
 	kind     jobKind
 	r        *run       // the target it is done for (nil for jobDevice)
-	path     string     // jobDir, jobFile
+	path     string     // jobDir, priority jobFile (see filePath)
 	dir      *dirHandle // jobFile from a listing: its directory, held open so the open is relative
 	name     string     // jobFile from a listing: its name in dir
 	dev, ino uint64     // from the listing: the open must find the same inode
@@ -47,11 +48,21 @@ type job struct {
 	req *devRequest // jobDevice
 }
 
+// filePath is a jobFile's path. A listing does not join it for every file: the open is relative,
+// and the path is only needed for a log line or a read through the file.
+func (j *job) filePath() string {
+	if j.dir == nil {
+		return j.path
+	}
+	return filepath.Join(j.dir.path, j.name)
+}
+
 // dirHandle is a listed directory's descriptor, held open while jobs for its files wait: a file is
 // opened relative to it, which spares the kernel a walk of the whole path per file and cannot be
 // led elsewhere by a parent directory swapped since the listing. The last job closes it.
 type dirHandle struct {
 	fd   int
+	path string
 	refs atomic.Int32
 }
 

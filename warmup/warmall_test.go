@@ -279,7 +279,7 @@ func TestPlan(t *testing.T) {
 		{logical: 24576, physical: 1 << 40, length: 4096},
 		{logical: 28672, physical: 4 << 20, length: 1000, flags: fiemapExtentLast},
 	}
-	dev, through, holes := plan(exts, 40000, 1<<30)
+	dev, through, holes := plan(slices.Clone(exts), 40000, 1<<30)
 	if fmt.Sprint(dev) != fmt.Sprint([]extent{exts[0], exts[5]}) {
 		t.Errorf("device extents %v", dev)
 	}

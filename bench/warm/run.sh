@@ -19,7 +19,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 export WORK=${WORK:-/var/tmp/prepull-bench-warm}
-export DISK=$WORK/disk-v2.img
+# DISK may point at another WORK's image (it is only read): a second tree then benches without
+# laying out its own.
+export DISK=${DISK:-$WORK/disk-v2.img}
 export DELAY=${DELAY:-5ms}
 # shellcheck source=stack.sh
 source "$HERE/stack.sh"
@@ -42,6 +44,11 @@ BASE_REV=${BASE_REV:-5214277}
 rm -rf "$WORK/base-src" && mkdir -p "$WORK/base-src"
 git -C "$ROOT" archive "$BASE_REV" | tar -x -C "$WORK/base-src"
 (cd "$WORK/base-src" && go build -o "$WORK/warmdriver-base" ./bench/warm/warmdriver)
+# "before": extents mode as issue 13 left it (BEFORE_REV), beside this tree's, for its CPU cost.
+BEFORE_REV=${BEFORE_REV:-c1a05f2}
+rm -rf "$WORK/before-src" && mkdir -p "$WORK/before-src"
+git -C "$ROOT" archive "$BEFORE_REV" | tar -x -C "$WORK/before-src"
+(cd "$WORK/before-src" && go build -o "$WORK/warmdriver-before" ./bench/warm/warmdriver)
 
 if [[ ! -s $DISK && -z ${TABLE_ONLY:-} ]]; then
 	echo "laying out the snapshot tree and the 4 GiB ext4 image in $WORK ..." >&2
@@ -59,10 +66,11 @@ C="C=$M/5/fs:$M/1/fs"
 LAYERS=("$M/1/fs" "$M/2/fs" "$M/3/fs" "$M/4/fs" "$M/5/fs")
 RESULTS=$WORK/results.tsv
 
-# contender NAME NEEDED_MIB CMD...
+# contender NAME NEEDED_MIB CMD...: runs it unless ONLY (a regular expression) leaves it out.
 contender() {
 	local name=$1 needed=$2
 	shift 2
+	[[ -z ${ONLY:-} || $name =~ ^($ONLY)$ ]] || return 0
 	stack_up
 	local t0 t1
 	t0=$(date +%s.%N)
@@ -70,7 +78,8 @@ contender() {
 	t1=$(date +%s.%N)
 	local slow
 	slow=$(stack_down)
-	printf '%s\t%s\t%s\t%s\n' "$name" "$(echo "$t1 - $t0" | bc -l)" "$needed" "$slow" >>"$RESULTS"
+	# The 1-minute load average as the contender ends: others share this machine.
+	printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$(echo "$t1 - $t0" | bc -l)" "$needed" "$slow" "$(cut -d' ' -f1 /proc/loadavg)" >>"$RESULTS"
 	echo "$name done: $(echo "$t1 - $t0" | bc -l) s" >&2
 }
 
@@ -82,7 +91,14 @@ DEV_MIB=$(($(blockdev --getsize64 "$(cat "$WORK/loopdev")") >> 20))
 stack_down >/dev/null
 
 if [[ -z ${TABLE_ONLY:-} ]]; then
-: >"$RESULTS"
+if [[ -n ${ONLY:-} ]]; then
+	# Re-run some contenders: keep the other rows of the last run.
+	touch "$RESULTS"
+	awk -F'\t' -v only="^($ONLY)$" '$1 !~ only' "$RESULTS" >"$RESULTS.keep"
+	mv "$RESULTS.keep" "$RESULTS"
+else
+	: >"$RESULTS"
+fi
 WD=("$WORK/warmdriver" warm)
 BASE="$WORK/warmdriver-base"
 dirs() { tr ':' ' ' <<<"${1#*=}"; }
@@ -90,11 +106,13 @@ dirs() { tr ':' ' ' <<<"${1#*=}"; }
 contender "today-read-seq" "$IMG_MIB" bash -c "'$BASE' warm $(dirs "$A") && '$BASE' warm $(dirs "$B") && '$BASE' warm $(dirs "$C")"
 contender "prepull-read-all" "$IMG_MIB" "${WD[@]}" -mode read -all "$A" "$B" "$C"
 contender "prepull-extents-all" "$IMG_MIB" "${WD[@]}" -mode extents -all "$A" "$B" "$C"
+contender "before-extents-all" "$IMG_MIB" "$WORK/warmdriver-before" warm -mode extents -all "$A" "$B" "$C"
 contender "vmtouch-t" "$IMG_MIB" vmtouch -t "${LAYERS[@]}"
 contender "fio-device" "$DEV_MIB" bash -c 'fio --name=warm --filename="$(cat "$WORK/loopdev")" --rw=read --bs=1M --iodepth=32 --direct=1 --ioengine=libaio --readonly --output-format=terse >/dev/null'
 contender "today-read-B-alone" "$B_MIB" "$BASE" warm "$(dirs "$B")"
 contender "prepull-read-B-alone" "$B_MIB" "${WD[@]}" -mode read "$B"
 contender "prepull-extents-B-alone" "$B_MIB" "${WD[@]}" -mode extents "$B"
+contender "before-extents-B-alone" "$B_MIB" "$WORK/warmdriver-before" warm -mode extents "$B"
 
 fi
 
@@ -103,18 +121,19 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 
 {
 	echo "slow layer: nbdkit delay-read=$DELAY per request, cow-on-read hydration; images A+B+C: ${IMG_MIB} MiB in 5 layers; device: ${DEV_MIB} MiB; $(nproc) cores"
-	printf '| %-23s | %7s | %7s | %8s | %7s | %9s | %11s | %6s | %6s | %6s | %5s | %6s |\n' \
-		contender "wall s" "needed" "slow MiB" "MiB/s" "vs vmtouch" "req'd MiB/s" "A s" "B s" "C s" "CPU%" "RSS MiB"
-	printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' -------------------------  --------- --------- ---------- --------- ----------- ------------- -------- -------- -------- ------- --------
+	printf '| %-23s | %7s | %7s | %8s | %7s | %9s | %11s | %6s | %6s | %6s | %5s | %6s | %6s | %5s |\n' \
+		contender "wall s" "needed" "slow MiB" "MiB/s" "vs vmtouch" "req'd MiB/s" "A s" "B s" "C s" "CPU%" "CPU s" "RSS MiB" "load"
+	printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' -------------------------  --------- --------- ---------- --------- ----------- ------------- -------- -------- -------- ------- -------- -------- -------
 	vm=$(awk -F'\t' '$1 == "vmtouch-t" {print $2}' "$RESULTS")
-	while IFS=$'\t' read -r name wall needed slow; do
-		req="-" a="-" b="-" c="-" cpu="-" rss="-" vs="-"
+	while IFS=$'\t' read -r name wall needed slow load; do
+		req="-" a="-" b="-" c="-" cpu="-" cpus="-" rss="-" vs="-"
 		# vmtouch -t read the whole set: compare only contenders that did too.
 		[[ $name == *-alone ]] || vs=$(printf '%.2fx' "$(echo "$vm / $wall" | bc -l)")
-		if [[ $name == prepull-* ]]; then
+		if [[ $name == prepull-* || $name == before-* ]]; then
 			all=$(grep '"image":"ALL"' "$WORK/$name.out")
 			req=$(printf '%.1f' "$(echo "$(jget "$all" bytes_requested) / 1048576 / $wall" | bc -l)")
 			cpu=$(printf '%.1f' "$(jget "$all" cpu_percent_of_one_core)")
+			cpus=$(printf '%.2f' "$(echo "$(jget "$all" cpu_user_seconds) + $(jget "$all" cpu_system_seconds)" | bc -l)")
 			rss=$(printf '%.0f' "$(jget "$all" max_rss_mib)")
 			for img in A B C; do
 				line=$(grep "\"image\":\"$img\"" "$WORK/$name.out" || true)
@@ -123,14 +142,16 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 		elif [[ $name == fio-device ]]; then
 			req=$(printf '%.1f' "$(echo "$needed / $wall" | bc -l)")
 		fi
-		printf '| %-23s | %7.2f | %7d | %8.1f | %7.1f | %10s | %11s | %6s | %6s | %6s | %5s | %6s |\n' "$name" "$wall" "$needed" "$slow" \
-			"$(echo "$needed / $wall" | bc -l)" "$vs" "$req" "$a" "$b" "$c" "$cpu" "$rss"
+		printf '| %-23s | %7.2f | %7d | %8.1f | %7.1f | %10s | %11s | %6s | %6s | %6s | %5s | %6s | %6s | %5s |\n' "$name" "$wall" "$needed" "$slow" \
+			"$(echo "$needed / $wall" | bc -l)" "$vs" "$req" "$a" "$b" "$c" "$cpu" "$cpus" "$rss" "${load:--}"
 	done <"$RESULTS"
 	echo
 	echo "needed: MiB the contender had to read (fio: the whole device); MiB/s = needed / wall; req'd MiB/s: bytes"
 	echo "requested per second (prepull: Stats.BytesRequested, including merged gaps; fio: its reads); A/B/C s: each"
-	echo "image's Stats.Duration (from the start of the run); CPU%: warmdriver's user+system time / wall; RSS: its peak."
+	echo "image's Stats.Duration (from the start of the run); CPU%: warmdriver's user+system time / wall; CPU s: that"
+	echo "time; RSS: its peak; load: the 1-minute load average as the contender ended (others share the machine)."
 	echo "today = the warm-up before issue 13 (BASE_REV $BASE_REV: Readdir with an lstat per entry, images one after"
-	echo "another, one process each); all = WarmAll of this tree. B-alone: the 40k-small-file image by itself."
+	echo "another, one process each); all = WarmAll of this tree; before = extents mode at BEFORE_REV $BEFORE_REV (issue 13"
+	echo "done, before the CPU work of issue 13's last target). B-alone: the 40k-small-file image by itself."
 } | tee "$WORK/table.md"
 cp "$WORK/table.md" "$HERE/last-run.md"
