@@ -24,9 +24,10 @@ import (
 
 const (
 	// chunkSize is the unit the decompressed stream moves in between goroutines; large enough
-	// that a big file is written in 1 MiB write(2)s and channel hand-offs are rare.
-	chunkSize = 1 << 20
-	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks of 1 MiB.
+	// that a big file is written in 512 KiB write(2)s and channel hand-offs are rare, small
+	// enough that several applies at once stay within prepull's memory target.
+	chunkSize = 512 << 10
+	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks of 512 KiB.
 	chunksInFlight = 2
 	// pipeSize is what igzip's pipes are grown to: at the default 64 KiB the child and Go
 	// ping-pong on every few blocks and igzip runs at a fraction of its speed.
