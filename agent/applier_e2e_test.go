@@ -85,7 +85,7 @@ func TestPrepullApplierMatchesContainerd(t *testing.T) {
 	ref := env.Ref("agent/applied:1")
 
 	var seen layerLog
-	fast, _ := newTestAgent(t, WithApplier(ApplierPrepull), WithLayerObserver(&seen))
+	fast, _ := newTestAgent(t, WithApplier(ApplierPrepull), WithStreaming(StreamOn), WithLayerObserver(&seen))
 	pullOK(t, fast, manifest.Image{Ref: ref, Pin: true})
 	if len(seen.layers) != 3 {
 		t.Fatalf("observer saw %d layers, want 3: %+v", len(seen.layers), seen.layers)
@@ -257,57 +257,67 @@ func compareDirs(t *testing.T, want, got string) {
 // re-run completes.
 func TestWrongDiffIDCommitsNothing(t *testing.T) {
 	t.Parallel()
-	layer, err := harness.Layer(harness.RandomFiles("/w", 4, 64<<10, 77), true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	good, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{layer}, OCI: true, Arch: runtime.GOARCH})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf, err := good.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	wrong := v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("ab", 32)}
-	cf.RootFS.DiffIDs = []v1.Hash{wrong}
-	bad, err := mutate.ConfigFile(good, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := env.Pusher.Push(t.Context(), "agent/wrongdiff:1", bad); err != nil {
-		t.Fatal(err)
-	}
-	ref := env.Ref("agent/wrongdiff:1")
+	// Through containerd's unpacker and through the layer stream.
+	for _, mode := range []string{StreamOff, StreamOn} {
+		t.Run("streaming="+mode, func(t *testing.T) {
+			tag := "agent/wrongdiff-" + mode + ":1"
+			seed := uint64(77)
+			if mode == StreamOn {
+				seed = 78
+			}
+			layer, err := harness.Layer(harness.RandomFiles("/w", 4, 64<<10, seed), true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			good, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{layer}, OCI: true, Arch: runtime.GOARCH})
+			if err != nil {
+				t.Fatal(err)
+			}
+			cf, err := good.ConfigFile()
+			if err != nil {
+				t.Fatal(err)
+			}
+			cf = cf.DeepCopy()
+			wrong := v1.Hash{Algorithm: "sha256", Hex: strings.Repeat("ab", 32)}
+			cf.RootFS.DiffIDs = []v1.Hash{wrong}
+			bad, err := mutate.ConfigFile(good, cf)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := env.Pusher.Push(t.Context(), tag, bad); err != nil {
+				t.Fatal(err)
+			}
+			ref := env.Ref(tag)
 
-	var seen layerLog
-	a, client := newTestAgent(t, WithApplier(ApplierPrepull), WithLayerObserver(&seen))
-	rs := a.Pull(t.Context(), []manifest.Image{{Ref: ref, Pin: true}})
-	if rs[0].Err == nil {
-		t.Fatal("an image whose config names the wrong diffID was pulled")
-	}
-	if len(seen.layers) != 1 || seen.layers[0].Applier != applier.NamePrepull {
-		t.Fatalf("layers seen = %+v, want the one layer applied by prepull's applier", seen.layers)
-	}
-	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
-	if _, err := client.ImageService().Get(ctx, ref); !errdefs.IsNotFound(err) {
-		t.Errorf("record for the refused image: err = %v, want not found", err)
-	}
-	sn := client.SnapshotService("overlayfs")
-	if _, err := sn.Stat(ctx, wrong.String()); !errdefs.IsNotFound(err) {
-		t.Errorf("snapshot %s committed for the wrong diffID: err = %v", wrong, err)
-	}
-	_ = sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
-		if info.Kind == snapshots.KindActive && strings.Contains(info.Name, wrong.Hex) {
-			t.Errorf("extraction snapshot %s left behind", info.Name)
-		}
-		return nil
-	})
+			var seen layerLog
+			a, client := newTestAgent(t, WithApplier(ApplierPrepull), WithStreaming(mode), WithLayerObserver(&seen))
+			rs := a.Pull(t.Context(), []manifest.Image{{Ref: ref, Pin: true}})
+			if rs[0].Err == nil {
+				t.Fatal("an image whose config names the wrong diffID was pulled")
+			}
+			if len(seen.layers) != 1 || seen.layers[0].Applier != applier.NamePrepull {
+				t.Fatalf("layers seen = %+v, want the one layer applied by prepull's applier", seen.layers)
+			}
+			ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
+			if _, err := client.ImageService().Get(ctx, ref); !errdefs.IsNotFound(err) {
+				t.Errorf("record for the refused image: err = %v, want not found", err)
+			}
+			sn := client.SnapshotService("overlayfs")
+			if _, err := sn.Stat(ctx, wrong.String()); !errdefs.IsNotFound(err) {
+				t.Errorf("snapshot %s committed for the wrong diffID: err = %v", wrong, err)
+			}
+			_ = sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+				if info.Kind == snapshots.KindActive && strings.Contains(info.Name, wrong.Hex) {
+					t.Errorf("extraction snapshot %s left behind", info.Name)
+				}
+				return nil
+			})
 
-	if _, err := env.Pusher.Push(t.Context(), "agent/wrongdiff:1", good); err != nil {
-		t.Fatal(err)
+			if _, err := env.Pusher.Push(t.Context(), tag, good); err != nil {
+				t.Fatal(err)
+			}
+			pullOK(t, a, manifest.Image{Ref: ref, Pin: true})
+			criStatus(t, ref, true)
+		})
 	}
-	pullOK(t, a, manifest.Image{Ref: ref, Pin: true})
-	criStatus(t, ref, true)
 }

@@ -29,7 +29,7 @@ type settings struct {
 	order         string
 	applier       string
 	layerObserver applier.Observer
-	stream        bool
+	stream        string
 }
 
 // WithNamespace sets containerd's namespace (default k8s.io, the CRI's).
@@ -82,11 +82,25 @@ func WithOrder(order string) Option { return func(s *settings) { s.order = order
 // ApplierPrepull or ApplierContainerd.
 func WithApplier(mode string) Option { return func(s *settings) { s.applier = mode } }
 
-// WithStreaming(false) stops prepull's applier from applying layers as they
-// download (default on): each layer is then fetched whole into the content
-// store first and applied from there, as containerd's unpacker does. It has
-// no effect where containerd's applier applies the layers.
-func WithStreaming(on bool) Option { return func(s *settings) { s.stream = on } }
+// Streaming modes for WithStreaming.
+const (
+	// StreamAuto streams layers when they are discarded after the unpack
+	// (the CRI's discard_unpacked_layers, as on EKS, or WithDiscardLayers):
+	// then no blob is written to the content store at all. With the blobs
+	// kept, a stream must write each blob through containerd's content API
+	// while it applies, which measured slower on a CPU-bound node (bench/pull/RESULTS.md).
+	StreamAuto = "auto"
+	// StreamOn streams every layer prepull's applier applies.
+	StreamOn = "true"
+	// StreamOff fetches each layer whole into the content store first and
+	// applies it from there, as containerd's unpacker does.
+	StreamOff = "false"
+)
+
+// WithStreaming chooses whether prepull's applier applies layers as they
+// download: StreamAuto (the default), StreamOn or StreamOff. It has no
+// effect where containerd's applier applies the layers.
+func WithStreaming(mode string) Option { return func(s *settings) { s.stream = mode } }
 
 // WithLayerObserver is told about every layer applied: by which applier,
 // how long, and why prepull's fell back to containerd's.
@@ -102,7 +116,7 @@ func Validate(opts ...Option) error {
 }
 
 func newSettings(opts []Option) (settings, error) {
-	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest, applier: ApplierAuto, stream: true}
+	s := settings{namespace: "k8s.io", snapshotter: "auto", concurrency: 4, maxDownloads: 3, order: OrderManifest, applier: ApplierAuto, stream: StreamAuto}
 	for _, o := range opts {
 		o(&s)
 	}
@@ -132,6 +146,11 @@ func newSettings(opts []Option) (settings, error) {
 	case ApplierAuto, ApplierPrepull, ApplierContainerd:
 	default:
 		errs = append(errs, fmt.Errorf("applier %q: want %s, %s or %s", s.applier, ApplierAuto, ApplierPrepull, ApplierContainerd))
+	}
+	switch s.stream {
+	case StreamAuto, StreamOn, StreamOff:
+	default:
+		errs = append(errs, fmt.Errorf("streaming %q: want %s, %s or %s", s.stream, StreamAuto, StreamOn, StreamOff))
 	}
 	return s, errors.Join(errs...)
 }

@@ -64,16 +64,11 @@ func throttle(t *testing.T, digest string, bps int64) {
 	t.Cleanup(func() { env.Proxy.SetRate(nil) })
 }
 
-// TestLayerAppliesWhileDownloading pulls a layer served at 2 MiB/s: prepull's
-// applier must have applied part of it while the rest is still on the wire
-// (containerd's unpacker starts only once the blob is whole), and the blob
-// must end up in the content store with the labels containerd's fetch and
-// unpacker give it. Not parallel: it throttles the shared proxy.
-func TestLayerAppliesWhileDownloading(t *testing.T) {
-	ref, layer, diffID := slowImage(t, "agent/stream:1", 6<<20, 101)
-	throttle(t, layer, 2<<20)
-
-	a, client := newTestAgent(t, WithApplier(ApplierPrepull))
+// watchOverlap polls a's progress for ref until the returned function is
+// called, which reports whether a moment had 1 MiB applied with more than
+// 1 MiB still to download: only a streamed layer does that (containerd's
+// unpacker starts once the blob is whole).
+func watchOverlap(a *Agent, ref string) func() bool {
 	var overlapped atomic.Bool
 	stop := make(chan struct{})
 	done := make(chan struct{})
@@ -92,10 +87,26 @@ func TestLayerAppliesWhileDownloading(t *testing.T) {
 			}
 		}
 	}()
+	return func() bool {
+		close(stop)
+		<-done
+		return overlapped.Load()
+	}
+}
+
+// TestLayerAppliesWhileDownloading pulls a layer served at 2 MiB/s with
+// streaming on: prepull's applier must have applied part of it while the
+// rest is still on the wire, and the blob must end up in the content store
+// with the labels containerd's fetch and unpacker give it. Not parallel: it
+// throttles the shared proxy.
+func TestLayerAppliesWhileDownloading(t *testing.T) {
+	ref, layer, diffID := slowImage(t, "agent/stream:1", 6<<20, 101)
+	throttle(t, layer, 2<<20)
+
+	a, client := newTestAgent(t, WithApplier(ApplierPrepull), WithStreaming(StreamOn))
+	overlapped := watchOverlap(a, ref)
 	pullOK(t, a, manifest.Image{Ref: ref, Pin: true})
-	close(stop)
-	<-done
-	if !overlapped.Load() {
+	if !overlapped() {
 		t.Error("no moment had 1 MiB applied with more than 1 MiB still to download: the layer was not streamed")
 	}
 	criStatus(t, ref, true)
@@ -116,13 +127,19 @@ func TestLayerAppliesWhileDownloading(t *testing.T) {
 	noIngests(t, client, layer)
 }
 
-// TestDiscardStreamsWithoutBlob: with layers discarded, a streamed layer's
-// blob is never written to the content store, and the image is still ready.
+// TestDiscardStreamsWithoutBlob: with layers discarded, the default
+// (StreamAuto) streams, and a streamed layer's blob is never written to the
+// content store; the image is still ready. Not parallel: it throttles the
+// shared proxy.
 func TestDiscardStreamsWithoutBlob(t *testing.T) {
-	t.Parallel()
-	ref, layer, diffID := slowImage(t, "agent/discard:1", 1<<20, 102)
+	ref, layer, diffID := slowImage(t, "agent/discard:1", 6<<20, 102)
+	throttle(t, layer, 4<<20)
 	a, client := newTestAgent(t, WithApplier(ApplierPrepull), WithDiscardLayers(true))
+	overlapped := watchOverlap(a, ref)
 	pullOK(t, a, manifest.Image{Ref: ref, Pin: true})
+	if !overlapped() {
+		t.Error("layers discarded, streaming auto: the layer was not streamed")
+	}
 	criStatus(t, ref, true)
 	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
 	if _, err := client.ContentStore().Info(ctx, digest.Digest(layer)); !errdefs.IsNotFound(err) {
@@ -141,7 +158,7 @@ func TestDiscardStreamsWithoutBlob(t *testing.T) {
 func TestCancelMidStreamLeavesNothing(t *testing.T) {
 	ref, layer, diffID := slowImage(t, "agent/cancel:1", 6<<20, 103)
 	throttle(t, layer, 2<<20)
-	a, client := newTestAgent(t, WithApplier(ApplierPrepull))
+	a, client := newTestAgent(t, WithApplier(ApplierPrepull), WithStreaming(StreamOn))
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	go func() {

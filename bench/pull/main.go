@@ -75,11 +75,12 @@ func parseVariants(s string) ([]variant, error) {
 
 const (
 	defaultVariants = "prepull defaults=;" +
-		"prepull no streaming=--stream-layers=false;" +
+		"prepull streaming=--stream-layers true;" +
 		"prepull containerd applier=--applier containerd;" +
-		"prepull discard (as on EKS)=--discard-layers true"
+		"prepull discard (as on EKS)=--discard-layers true;" +
+		"prepull discard, no streaming=--discard-layers true --stream-layers false"
 	defaultCapVariants = "prepull defaults=;" +
-		"prepull no streaming=--stream-layers=false;" +
+		"prepull streaming=--stream-layers true;" +
 		"prepull one stream=--layer-chunk-size 0;" +
 		"prepull containerd applier=--applier containerd"
 	allPhases = "ctr-seq,ctr-local,ctr-par,prepull,decomp,ideal,capped"

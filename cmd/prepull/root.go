@@ -46,7 +46,7 @@ type globals struct {
 	imageTimeout      time.Duration
 	order             string
 	applier           string
-	streamLayers      bool
+	streamLayers      string
 
 	metricsPerImage bool
 
@@ -109,7 +109,7 @@ environment over the manifest's settings.`,
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
 	pf.StringVar(&g.order, "order", agent.OrderManifest, "start images in manifest order (manifest), or biggest first after reading every manifest (size)")
 	pf.StringVar(&g.applier, "applier", agent.ApplierAuto, "who applies layers: auto (prepull's applier where it can do exactly what containerd's would, else containerd's), prepull, containerd")
-	pf.BoolVar(&g.streamLayers, "stream-layers", true, "with prepull's applier, apply each layer as it downloads instead of after (false: fetch whole, then apply, as containerd does)")
+	pf.StringVar(&g.streamLayers, "stream-layers", agent.StreamAuto, "with prepull's applier, apply each layer as it downloads: auto (when layers are discarded, so no blob is written), true, false (fetch whole, then apply, as containerd does)")
 	pf.StringVar(&g.dockerConfig, "docker-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json, ~/.docker/config.json)")
 
 	root.AddCommand(
@@ -275,6 +275,8 @@ func (g *globals) agentOptions() ([]agent.Option, error) {
 		return nil, usagef("--order %q: want %s or %s", g.order, agent.OrderManifest, agent.OrderSize)
 	case g.applier != agent.ApplierAuto && g.applier != agent.ApplierPrepull && g.applier != agent.ApplierContainerd:
 		return nil, usagef("--applier %q: want %s, %s or %s", g.applier, agent.ApplierAuto, agent.ApplierPrepull, agent.ApplierContainerd)
+	case g.streamLayers != agent.StreamAuto && g.streamLayers != agent.StreamOn && g.streamLayers != agent.StreamOff:
+		return nil, usagef("--stream-layers %q: want %s, %s or %s", g.streamLayers, agent.StreamAuto, agent.StreamOn, agent.StreamOff)
 	}
 	opts := []agent.Option{
 		agent.WithNamespace(g.namespace),
