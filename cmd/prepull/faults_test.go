@@ -559,31 +559,42 @@ func TestFaultBadContent(t *testing.T) {
 			want: []string{"text/html"},
 		},
 	}
-	for i, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			p := newProxy(t)
-			rt := fmt.Sprintf("faults/bad-%d:1", i)
-			_, layers := faultImage(t, env.Pusher, rt, uint64(4000+i), 512<<10)
-			p.SetFault(tc.fault(t, rt, layers))
-			ref := p.Host + "/" + rt
-			c := faultRun(t.Context(), t, "", "", "pull", "--image", ref)
-			c.wantCode(1)
-			line := c.lastLine()
-			t.Logf("error: %s", line)
-			if !strings.Contains(line, ref) || strings.Count(strings.TrimSpace(line), "\n") > 1 {
-				t.Errorf("error %q should name %s", line, ref)
-			}
-			for _, w := range tc.want {
-				if !strings.Contains(line, w) {
-					t.Errorf("error %q does not contain %q", line, w)
+	// Each case through containerd's unpacker (the default with the blobs
+	// kept) and through prepull's layer stream.
+	for _, stream := range []string{"auto", "true"} {
+		for i, tc := range cases {
+			t.Run(tc.name+"/stream-layers="+stream, func(t *testing.T) {
+				p := newProxy(t)
+				rt := fmt.Sprintf("faults/bad-%s-%d:1", stream, i)
+				seed := uint64(4000 + i)
+				if stream == "true" {
+					seed += 100
 				}
-			}
-			wantNoRecords(t, env.Containerd.Address, ref)
-			if img := criImage(t, ref, false); img != nil {
-				t.Errorf("the CRI reports %s as present: %v", ref, img)
-			}
-			faultRun(t.Context(), t, "", "", "verify", "--image", ref).wantCode(1)
-		})
+				_, layers := faultImage(t, env.Pusher, rt, seed, 512<<10)
+				p.SetFault(tc.fault(t, rt, layers))
+				ref := p.Host + "/" + rt
+				c := faultRun(t.Context(), t, "", "", "pull", "--image", ref, "--stream-layers", stream)
+				c.wantCode(1)
+				line := c.lastLine()
+				t.Logf("error: %s", line)
+				if !strings.Contains(line, ref) || strings.Count(strings.TrimSpace(line), "\n") > 1 {
+					t.Errorf("error %q should name %s", line, ref)
+				}
+				for _, w := range tc.want {
+					if !strings.Contains(line, w) {
+						t.Errorf("error %q does not contain %q", line, w)
+					}
+				}
+				if stream == "true" && tc.name == "tampered blob" && !strings.Contains(line, "failed to extract layer") {
+					t.Errorf("error %q is not the layer stream's: the blob was not streamed", line)
+				}
+				wantNoRecords(t, env.Containerd.Address, ref)
+				if img := criImage(t, ref, false); img != nil {
+					t.Errorf("the CRI reports %s as present: %v", ref, img)
+				}
+				faultRun(t.Context(), t, "", "", "verify", "--image", ref).wantCode(1)
+			})
+		}
 	}
 }
 
