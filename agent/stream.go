@@ -184,7 +184,7 @@ func (s *layerStream) run(ctx context.Context, root ocispec.Descriptor, matcher 
 	}
 	pf := s.prefetch(ctx, layers, todo)
 	defer pf.stop()
-	for i, desc := range layers {
+	for _, i := range todo {
 		var parent digest.Digest
 		if i > 0 {
 			parent = chainIDs[i-1]
@@ -192,7 +192,7 @@ func (s *layerStream) run(ctx context.Context, root ocispec.Descriptor, matcher 
 		if err := pf.claim(ctx, i); err != nil {
 			return err
 		}
-		if err := s.layer(ctx, desc, diffIDs[i], chainIDs[i], parent); err != nil {
+		if err := s.layer(ctx, layers[i], diffIDs[i], chainIDs[i], parent); err != nil {
 			return err
 		}
 	}
@@ -307,12 +307,10 @@ func (s *layerStream) fetchAhead(ctx context.Context, desc ocispec.Descriptor) {
 	}
 }
 
-// layer makes the snapshot chainID from desc unless it exists: prepare,
-// apply as the blob streams in, check both digests, commit.
+// layer makes the snapshot chainID from desc unless a concurrent pull made
+// it meanwhile: prepare, apply as the blob streams in, check both digests,
+// commit.
 func (s *layerStream) layer(ctx context.Context, desc ocispec.Descriptor, diffID, chainID, parent digest.Digest) error {
-	if s.exists(ctx, chainID) {
-		return nil
-	}
 	// The keys containerd's unpacker locks: a concurrent pull of an image
 	// sharing this layer waits for it instead of applying it twice.
 	snKey := fmt.Sprintf("sn://%s/%v", s.snapshotter, chainID)

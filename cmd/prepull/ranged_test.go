@@ -5,10 +5,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-
-	"github.com/prepull/prepull/internal/harness"
 )
 
 // TestRangedPull pulls an image whose layer is 5 default chunks (10 MiB)
@@ -19,20 +15,6 @@ import (
 // verified the layer's digest and diffID).
 func TestRangedPull(t *testing.T) {
 	ctx := t.Context()
-	push := func(rt string, seed uint64) {
-		// Random data does not compress: the gzip layer is ~10 MiB.
-		l, err := harness.Layer(harness.RandomFiles("big", 10, 1<<20, seed), true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		img, err := harness.Image(harness.ImageSpec{Layers: []v1.Layer{l}, OCI: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := env.Pusher.Push(ctx, rt, img); err != nil {
-			t.Fatal(err)
-		}
-	}
 	for _, tc := range []struct {
 		name         string
 		seed         uint64
@@ -46,7 +28,10 @@ func TestRangedPull(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rt := "ranged/" + strings.ReplaceAll(tc.name, " ", "-") + ":1"
-			push(rt, tc.seed)
+			// Random data does not compress: the gzip layer is ~10 MiB.
+			if _, err := env.Pusher.PushRandom(ctx, rt, 10, 1<<20, tc.seed); err != nil {
+				t.Fatal(err)
+			}
 			p := newProxy(t)
 			var mu sync.Mutex
 			var rangedGETs []string
