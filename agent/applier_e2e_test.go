@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"strings"
 	"sync"
@@ -109,6 +110,12 @@ func TestPrepullApplierMatchesContainerd(t *testing.T) {
 	}
 	for i := range got {
 		compareDirs(t, want[i], got[i])
+	}
+	// The streamed pull left the labels containerd's fetch and unpacker do.
+	gotMeta := pullMetadata(t, fast.client, "k8s.io", ref)
+	wantMeta := pullMetadata(t, oracle.client, "prepull-oracle", ref)
+	if !reflect.DeepEqual(gotMeta, wantMeta) {
+		t.Errorf("labels after a pull with prepull's applier:\n%v\nwith containerd's:\n%v", gotMeta, wantMeta)
 	}
 
 }
