@@ -2,6 +2,7 @@ package ecrauth
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -95,6 +96,10 @@ type Provider struct {
 	clients map[string]tokenAPI
 	public  publicTokenAPI
 	flight  singleflight.Group
+
+	// testAfterMiss, when set by a test, runs between a cache miss and the
+	// shared fetch (the window another caller's fetch can end in).
+	testAfterMiss func()
 }
 
 // entry is one cached token.
@@ -175,25 +180,23 @@ func NewProvider(log *zap.Logger, opts ...ProviderOption) *Provider {
 // every concurrent caller with the same partition and region.
 func (p *Provider) Credentials(ctx context.Context, reg Registry) (Credentials, error) {
 	key := reg.cacheKey()
-	p.mu.Lock()
-	if e := p.entries[key]; e != nil {
-		now := time.Now()
-		if !e.rejectedAt.IsZero() && now.Before(e.rejectedAt.Add(p.rejectCooldown)) {
-			p.mu.Unlock()
-			return Credentials{}, fmt.Errorf("ecr credentials for %s: %w", reg.Host, ErrRejected)
-		}
-		if !e.stale && e.rejectedAt.IsZero() && now.Before(e.refreshAt) {
-			creds := e.creds
-			p.mu.Unlock()
-			p.obs.CacheHit(apiName(reg))
-			return creds, nil
-		}
+	if creds, ok, err := p.cached(reg); ok || err != nil {
+		return creds, err
 	}
-	p.mu.Unlock()
+	if p.testAfterMiss != nil {
+		p.testAfterMiss()
+	}
 
 	// The fetch outlives any one caller: a caller that gives up must not
 	// cancel the fetch the others wait for. It has its own deadline.
 	ch := p.flight.DoChan(key, func() (any, error) {
+		// A flight that ended between this caller's look at the cache and
+		// DoChan has already replaced the token (or had it rejected): use
+		// that rather than fetch another, which would also lose the
+		// "forced" mark and let a wrong password cost a second refresh.
+		if creds, ok, err := p.cached(reg); ok || err != nil {
+			return creds, err
+		}
 		return p.refresh(context.WithoutCancel(ctx), reg)
 	})
 	select {
@@ -201,10 +204,38 @@ func (p *Provider) Credentials(ctx context.Context, reg Registry) (Credentials, 
 		return Credentials{}, fmt.Errorf("ecr credentials for %s: %w", reg.Host, ctx.Err())
 	case r := <-ch:
 		if r.Err != nil {
+			if errors.Is(r.Err, ErrRejected) {
+				return Credentials{}, r.Err
+			}
 			return Credentials{}, fmt.Errorf("ecr credentials for %s: %w", reg.Host, r.Err)
 		}
 		return r.Val.(Credentials), nil
 	}
+}
+
+// cached returns reg's cached token when it is usable (ok), ErrRejected
+// while its host is in the rejection cooldown, or neither when a fetch is
+// due.
+func (p *Provider) cached(reg Registry) (creds Credentials, ok bool, err error) {
+	p.mu.Lock()
+	e := p.entries[reg.cacheKey()]
+	if e == nil {
+		p.mu.Unlock()
+		return Credentials{}, false, nil
+	}
+	now := time.Now()
+	if !e.rejectedAt.IsZero() && now.Before(e.rejectedAt.Add(p.rejectCooldown)) {
+		p.mu.Unlock()
+		return Credentials{}, false, fmt.Errorf("ecr credentials for %s: %w", reg.Host, ErrRejected)
+	}
+	if e.stale || !e.rejectedAt.IsZero() || !now.Before(e.refreshAt) {
+		p.mu.Unlock()
+		return Credentials{}, false, nil
+	}
+	creds = e.creds
+	p.mu.Unlock()
+	p.obs.CacheHit(apiName(reg))
+	return creds, true, nil
 }
 
 // Invalidate makes the next Credentials call for host's partition and region

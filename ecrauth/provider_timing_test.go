@@ -257,3 +257,49 @@ func TestProviderInvalidate(t *testing.T) {
 		}
 	})
 }
+
+// TestProviderFetchEndingAfterAMiss: a caller that found the token stale,
+// and whose shared fetch starts only after another caller's fetch has ended,
+// uses the token that fetch cached. It must not fetch a third: that one
+// would not count as forced, so a registry rejecting every token would cost
+// two more API calls (CI saw 4 token calls where 2 were expected).
+func TestProviderFetchEndingAfterAMiss(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		api := &fakeTokenAPI{respond: func(n int) (string, time.Duration, error) {
+			return fmt.Sprintf("pw%d", n), 12 * time.Hour, nil
+		}}
+		log, _ := newTestLogger(t)
+		p := newFakeProvider(t, api, log, WithRejectCooldown(time.Minute))
+		reg := mustParse(t, hostUSW2)
+		if _, err := p.Credentials(t.Context(), reg); err != nil {
+			t.Fatal(err)
+		}
+		p.rejected(reg, "pw1")
+
+		// The late caller misses the cache; before its fetch starts, another
+		// caller fetches pw2 (forced, because pw1 was rejected).
+		p.testAfterMiss = func() {
+			p.testAfterMiss = nil
+			if c, err := p.Credentials(t.Context(), reg); err != nil || c.Password.Reveal() != "pw2" {
+				t.Errorf("the other caller: err=%v, got pw2=%v", err, c.Password.Reveal() == "pw2")
+			}
+		}
+		c, err := p.Credentials(t.Context(), reg)
+		if err != nil || c.Password.Reveal() != "pw2" {
+			t.Fatalf("late caller: err=%v, got pw2=%v; want the token the other fetch cached", err, c.Password.Reveal() == "pw2")
+		}
+		if api.Calls() != 2 {
+			t.Fatalf("calls = %d, want 2", api.Calls())
+		}
+		// pw2 was fetched because pw1 was rejected: its rejection fails fast.
+		p.rejected(reg, "pw2")
+		p.testAfterMiss = func() { p.testAfterMiss = nil; p.rejected(reg, "pw2") }
+		if _, err := p.Credentials(t.Context(), reg); !errors.Is(err, ErrRejected) {
+			t.Fatalf("after pw2 was rejected: err = %v, want ErrRejected", err)
+		}
+		if api.Calls() != 2 {
+			t.Fatalf("calls = %d, want 2 (no refresh after the refreshed token was rejected)", api.Calls())
+		}
+	})
+}
