@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -123,8 +124,11 @@ func rangedClient(t *testing.T, srv *httptest.Server, r *Ranged) *http.Client {
 	return &http.Client{Transport: r.Wrap(rt)}
 }
 
+// newTestRanged returns a ranged fetch that splits every qualifying blob
+// after its first chunk, however fast it comes (opts may say otherwise).
 func newTestRanged(t *testing.T, chunks int, opts ...RangedOption) *Ranged {
 	t.Helper()
+	opts = append([]RangedOption{WithSplitBelow(math.Inf(1))}, opts...)
 	r, err := NewRanged(testChunk, int64(chunks)*testChunk, opts...)
 	if err != nil {
 		t.Fatal(err)
@@ -245,6 +249,84 @@ func TestRangedFetch(t *testing.T) {
 	}
 	if inUse, peak := r.pool.stats(); inUse != 0 || peak > 4 || peak == 0 {
 		t.Errorf("pool: %d buffers in use after all reads, peak %d; want 0 and 1..4", inUse, peak)
+	}
+}
+
+// TestRangedSplitsOnlySlowStreams: a blob that streams fast is read from
+// the one answer, with no range request; one whose chunks come slower than
+// the split rate is split after its first chunk: the first answer serves
+// that chunk and the next, ranges ask for the rest, each once.
+func TestRangedSplitsOnlySlowStreams(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	blob := testBlob(12*testChunk + 321)
+	const pause = 300 * time.Millisecond // per chunk of the slow answer
+	srv := &blobServer{blobs: map[string][]byte{blobPathOf(blob): blob}}
+	slow := false
+	srv.fault = func(w http.ResponseWriter, r *http.Request, blob []byte) bool {
+		if !slow || r.Header.Get("Range") != "" {
+			return false
+		}
+		// One chunk per pause: 64 KiB / 300 ms, far under the 1 MiB/s split
+		// rate below, however the machine is loaded.
+		w.Header().Set("ETag", etagOf(blob))
+		w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush() // the headers now, the first chunk after a pause
+		for off := 0; off < len(blob); off += testChunk {
+			select {
+			case <-time.After(pause):
+			case <-r.Context().Done():
+				return true
+			}
+			if _, err := w.Write(blob[off:min(off+testChunk, len(blob))]); err != nil {
+				return true
+			}
+			w.(http.Flusher).Flush()
+		}
+		return true
+	}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	for _, tc := range []struct {
+		name       string
+		slow       bool
+		splitBelow float64
+	}{
+		// 64 KiB/s: a chunk would have to wait a whole second to split.
+		{"fast answer stays one stream", false, 64 << 10},
+		{"slow answer is split", true, 1 << 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			slow = tc.slow
+			r := newTestRanged(t, 4, WithSplitBelow(tc.splitBelow))
+			c := rangedClient(t, ts, r)
+			before := len(srv.requests())
+			got, err := get(t.Context(), c, ts.URL+blobPathOf(blob))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, blob) {
+				t.Fatalf("got %d bytes, not the blob's %d", len(got), len(blob))
+			}
+			asked := ranges(srv.requests()[before:])
+			if !tc.slow {
+				if len(asked) > 0 {
+					t.Errorf("ranges asked for a fast stream: %v", asked)
+				}
+				return
+			}
+			var want []string
+			for first := int64(2 * testChunk); first < int64(len(blob)); first += testChunk {
+				want = append(want, fmt.Sprintf("bytes=%d-%d", first, min(first+testChunk, int64(len(blob)))-1))
+			}
+			sort.Strings(want)
+			if strings.Join(asked, " ") != strings.Join(want, " ") {
+				t.Errorf("ranges asked:\n%v\nwant every chunk from the third on, once:\n%v", asked, want)
+			}
+			if inUse, _ := r.pool.stats(); inUse != 0 {
+				t.Errorf("%d pool buffers still in use", inUse)
+			}
+		})
 	}
 }
 
