@@ -276,7 +276,7 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 	matcher := a.platformMatcher(img)
 	pc := a.pullClient(ctx, snapshotter)
 	var resolver remotes.Resolver = registry.NewResolver(ctx, a.opts.hostsDir, a.opts.registryOpts...)
-	if pc.fast != nil && (a.opts.stream == StreamOn || (a.opts.stream == StreamAuto && a.discard)) {
+	if pc.fast != nil && (a.opts.stream == StreamOn || (a.opts.stream == StreamAuto && (a.discard || pc.contentDir != ""))) {
 		if resolver, err = a.streamLayers(ctx, pc, resolver, img.Ref, matcher, snapshotter, st); err != nil {
 			return wrapUnavailable(err)
 		}

@@ -3,10 +3,12 @@ package agent
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"sync"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	"github.com/prepull/prepull/applier"
@@ -41,6 +43,10 @@ type pullClient struct {
 	// fast is prepull's applier when it applies this snapshotter's layers
 	// (nil: containerd's does), for the streamed layers.
 	fast *applier.Applier
+	// contentDir is the content store's directory on this host when its
+	// ingests are writable here ("" otherwise): streamed blobs are written
+	// into it.
+	contentDir string
 }
 
 func (a *Agent) pullClient(ctx context.Context, snapshotter string) pullClient {
@@ -85,7 +91,8 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClien
 		}
 	}
 	var fastOpts []applier.Option
-	if dir := a.contentDir(ctx); dir != "" {
+	dir := a.contentDir(ctx)
+	if dir != "" {
 		fastOpts = append(fastOpts, applier.WithContentDir(dir))
 	}
 	fast := applier.New(a.client.ContentStore(), a.log, fastOpts...)
@@ -99,6 +106,9 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClien
 	pc := pullClient{Client: c}
 	if useFast {
 		pc.fast = fast
+		if dir != "" && unix.Access(filepath.Join(dir, "ingest"), unix.W_OK) == nil {
+			pc.contentDir = dir
+		}
 	}
 	return pc
 }

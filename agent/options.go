@@ -86,9 +86,12 @@ func WithApplier(mode string) Option { return func(s *settings) { s.applier = mo
 const (
 	// StreamAuto streams layers when they are discarded after the unpack
 	// (the CRI's discard_unpacked_layers, as on EKS, or WithDiscardLayers):
-	// then no blob is written to the content store at all. With the blobs
-	// kept, a stream must write each blob through containerd's content API
-	// while it applies, which measured slower on a CPU-bound node (bench/pull/RESULTS.md).
+	// then no blob is written to the content store at all; and when the
+	// content store's directory is on this host, where the stream writes
+	// each blob straight into the data file of its ingest. Otherwise a
+	// stream would write each blob through containerd's content API while
+	// it applies, which measured slower on a CPU-bound node
+	// (bench/pull/RESULTS.md), so the layers are fetched whole first.
 	StreamAuto = "auto"
 	// StreamOn streams every layer prepull's applier applies.
 	StreamOn = "true"

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 	"time"
 
@@ -451,7 +450,7 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 		if s.a.discard {
 			return onClose{rc, unlock}, nil
 		}
-		b, err := newIngest(layerCtx, s.cs, rc, desc, unlock)
+		b, err := newIngest(layerCtx, s.cs, s.pc.contentDir, rc, desc, unlock)
 		if err != nil {
 			rc.Close()
 			unlock()
@@ -501,150 +500,6 @@ func (o onClose) Close() error {
 	err := o.ReadCloser.Close()
 	o.fn()
 	return err
-}
-
-// ingest passes a blob through to its reader and writes it to the content
-// store on its own goroutine, in buffers of teeBuffer bytes, at most
-// teeBuffers of them in flight.
-type ingest struct {
-	r      io.ReadCloser
-	w      content.Writer
-	cs     content.Store
-	ref    string
-	desc   ocispec.Descriptor
-	unlock func()
-	ctx    context.Context // for abort, after the pull's context ended
-
-	cur  []byte
-	full chan []byte
-	free chan []byte
-	done chan struct{}
-	werr error // the writer goroutine's, read after done
-	n    int64
-	eof  bool
-
-	closeOnce sync.Once
-}
-
-func newIngest(ctx context.Context, cs content.Store, rc io.ReadCloser, desc ocispec.Descriptor, unlock func()) (*ingest, error) {
-	ref := remotes.MakeRefKey(ctx, desc)
-	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
-	if err != nil {
-		return nil, fmt.Errorf("open content writer: %w", err)
-	}
-	if st, err := w.Status(); err == nil && st.Offset > 0 {
-		// Left by an interrupted fetch: the stream starts at 0.
-		if err := w.Truncate(0); err != nil {
-			w.Close()
-			return nil, fmt.Errorf("reset content writer: %w", err)
-		}
-	}
-	b := &ingest{
-		r: rc, w: w, cs: cs, ref: ref, desc: desc, unlock: unlock, ctx: context.WithoutCancel(ctx),
-		full: make(chan []byte, teeBuffers), free: make(chan []byte, teeBuffers), done: make(chan struct{}),
-	}
-	for range teeBuffers {
-		b.free <- make([]byte, 0, teeBuffer)
-	}
-	go b.write()
-	return b, nil
-}
-
-func (b *ingest) write() {
-	defer close(b.done)
-	for buf := range b.full {
-		if b.werr == nil {
-			if _, err := b.w.Write(buf); err != nil {
-				if errors.Is(err, io.EOF) || strings.HasSuffix(err.Error(), ": EOF") {
-					// The write stream ended under us: containerd went away.
-					err = fmt.Errorf("%w: %w", errdefs.ErrUnavailable, err)
-				}
-				b.werr = fmt.Errorf("write blob to content store: %w", err)
-			}
-		}
-		b.free <- buf[:0]
-	}
-}
-
-// Read reads the blob and queues what it read for the content store.
-func (b *ingest) Read(p []byte) (int, error) {
-	if b.cur == nil {
-		select {
-		case b.cur = <-b.free:
-		case <-b.done:
-			return 0, b.werr
-		}
-	}
-	if len(p) > cap(b.cur)-len(b.cur) {
-		p = p[:cap(b.cur)-len(b.cur)]
-	}
-	n, err := b.r.Read(p)
-	if n > 0 {
-		b.cur = append(b.cur, p[:n]...)
-		b.n += int64(n)
-		if len(b.cur) == cap(b.cur) {
-			b.full <- b.cur
-			b.cur = nil
-		}
-	}
-	if err == io.EOF {
-		b.eof = true
-		b.flush()
-	}
-	return n, err
-}
-
-func (b *ingest) flush() {
-	if len(b.cur) > 0 {
-		b.full <- b.cur
-	}
-	b.cur = nil
-}
-
-// Close stops the stream and waits for the writer to catch up.
-func (b *ingest) Close() error {
-	b.closeOnce.Do(func() {
-		err := b.r.Close()
-		b.flush()
-		close(b.full)
-		<-b.done
-		b.unlock()
-		if b.werr == nil && err != nil && !b.eof {
-			b.werr = err
-		}
-	})
-	return nil
-}
-
-// commit commits the blob: the whole stream was read and the content store
-// verifies its size and digest again.
-func (b *ingest) commit(ctx context.Context, ref string) error {
-	b.Close()
-	if b.werr != nil {
-		return b.werr
-	}
-	if !b.eof || b.n != b.desc.Size {
-		return fmt.Errorf("blob %s: stream ended after %d of %d bytes", b.desc.Digest, b.n, b.desc.Size)
-	}
-	err := b.w.Commit(ctx, b.desc.Size, b.desc.Digest)
-	b.w.Close()
-	if err != nil && !errdefs.IsAlreadyExists(err) {
-		return fmt.Errorf("commit blob %s: %w", b.desc.Digest, err)
-	}
-	// The label containerd's fetch sets on each blob it fetched.
-	if h, err := docker.AppendDistributionSourceLabel(b.cs, ref); err == nil {
-		if _, err := h(ctx, b.desc); err != nil {
-			return fmt.Errorf("label blob %s: %w", b.desc.Digest, err)
-		}
-	}
-	return nil
-}
-
-// abort drops what was written.
-func (b *ingest) abort() {
-	b.Close()
-	b.w.Close()
-	_ = b.cs.Abort(b.ctx, b.ref)
 }
 
 // uniquePart is containerd's unpacker's: a key unique enough for a

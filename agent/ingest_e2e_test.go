@@ -1,0 +1,113 @@
+package agent
+
+import (
+	"bytes"
+	"io"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// TestIngestIntoContentDir streams blobs into the harness containerd's
+// content store the way a streamed layer does: into the data file of the
+// ingest containerd opened (the content store's directory on this host),
+// or through the content API where that directory is not known. Both
+// commit the exact blob with the distribution-source label; a byte changed
+// in the data file before the commit is refused by containerd's own digest
+// check and nothing is committed or left behind.
+func TestIngestIntoContentDir(t *testing.T) {
+	t.Parallel()
+	a, client := newTestAgent(t)
+	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
+	ctx, done, err := client.WithLease(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer done(ctx)
+	dir := a.contentDir(ctx)
+	if dir == "" {
+		t.Fatal("the harness containerd reports no content store directory")
+	}
+	cs := client.ContentStore()
+	for i, tc := range []struct {
+		name       string
+		contentDir string
+		wantFile   bool
+		tamper     bool
+	}{
+		{name: "data file", contentDir: dir, wantFile: true},
+		{name: "content API", contentDir: t.TempDir()},
+		{name: "data file changed before the commit", contentDir: dir, wantFile: true, tamper: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			blob := make([]byte, 3<<20+17)
+			rng := rand.New(rand.NewPCG(uint64(i), 77))
+			for j := range blob {
+				blob[j] = byte(rng.Uint32())
+			}
+			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
+			b, err := newIngest(ctx, cs, tc.contentDir, io.NopCloser(bytes.NewReader(blob)), desc, func() {})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (b.file != nil) != tc.wantFile {
+				t.Fatalf("writes the data file: %v, want %v", b.file != nil, tc.wantFile)
+			}
+			if n, err := io.CopyBuffer(io.Discard, b, make([]byte, 100_000)); err != nil || n != desc.Size {
+				t.Fatalf("read %d bytes, %v", n, err)
+			}
+			if tc.tamper {
+				b.Close()
+				f, err := os.OpenFile(b.file.Name(), os.O_WRONLY, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := f.WriteAt([]byte{blob[1000] ^ 0xff}, 1000); err != nil {
+					t.Fatal(err)
+				}
+				f.Close()
+			}
+			err = b.commit(ctx, "registry.example/team/app:1")
+			if tc.tamper {
+				if err == nil || !strings.Contains(err.Error(), "unexpected commit digest") {
+					t.Fatalf("commit of a changed data file: %v, want containerd's digest error", err)
+				}
+				b.abort()
+				if _, err := cs.Info(ctx, desc.Digest); !errdefs.IsNotFound(err) {
+					t.Errorf("changed blob committed: %v", err)
+				}
+				sts, err := cs.ListStatuses(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, st := range sts {
+					if st.Ref == b.ref {
+						t.Errorf("ingest %s left behind", st.Ref)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := content.ReadBlob(ctx, cs, desc)
+			if err != nil || !bytes.Equal(got, blob) {
+				t.Fatalf("committed blob: %d bytes, equal %v, %v", len(got), bytes.Equal(got, blob), err)
+			}
+			info, err := cs.Info(ctx, desc.Digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if info.Labels["containerd.io/distribution.source.registry.example"] != "team/app" {
+				t.Errorf("labels %v, want the distribution source", info.Labels)
+			}
+		})
+	}
+}
