@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"sync"
@@ -106,7 +107,7 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClien
 	pc := pullClient{Client: c}
 	if useFast {
 		pc.fast = fast
-		if dir != "" && unix.Access(filepath.Join(dir, "ingest"), unix.W_OK) == nil {
+		if dir != "" && ingestWritable(dir) {
 			pc.contentDir = dir
 		}
 	}
@@ -128,4 +129,14 @@ func (a *Agent) contentDir(ctx context.Context) string {
 		}
 	}
 	return ""
+}
+
+// ingestWritable reports whether this process can write the ingests of the
+// content store in dir: its ingest directory, or dir itself while containerd
+// has not made that yet (it does at the first write).
+func ingestWritable(dir string) bool {
+	if err := unix.Access(filepath.Join(dir, "ingest"), unix.W_OK); err == nil || !errors.Is(err, unix.ENOENT) {
+		return err == nil
+	}
+	return unix.Access(dir, unix.W_OK) == nil
 }

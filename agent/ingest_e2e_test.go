@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sys/unix"
 )
 
 // TestIngestIntoContentDir streams blobs into the harness containerd's
@@ -109,5 +110,34 @@ func TestIngestIntoContentDir(t *testing.T) {
 				t.Errorf("labels %v, want the distribution source", info.Labels)
 			}
 		})
+	}
+}
+
+// TestIngestWritable: a content store whose ingest directory containerd has
+// not made yet (a fresh root, before the first write) is writable when its
+// directory is; a read-only one (the DaemonSet's mount) is not.
+func TestIngestWritable(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if !ingestWritable(dir) {
+		t.Error("fresh content directory without ingest/: not writable")
+	}
+	if err := os.Mkdir(dir+"/ingest", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if !ingestWritable(dir) {
+		t.Error("content directory with ingest/: not writable")
+	}
+	// root passes a mode check: a read-only bind mount is what refuses.
+	ro := t.TempDir()
+	if err := unix.Mount(ro, ro, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(ro, unix.MNT_DETACH) })
+	if err := unix.Mount("", ro, "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		t.Fatal(err)
+	}
+	if ingestWritable(ro) {
+		t.Error("read-only content directory: writable")
 	}
 }
