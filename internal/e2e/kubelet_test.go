@@ -325,13 +325,7 @@ func (k *kubelet) log() string {
 }
 
 func (k *kubelet) stop() {
-	_ = syscall.Kill(-k.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-k.done:
-	case <-time.After(30 * time.Second):
-		_ = syscall.Kill(-k.cmd.Process.Pid, syscall.SIGKILL)
-		<-k.done
-	}
+	harness.StopGroup(k.cmd.Process.Pid, k.done, 30*time.Second)
 }
 
 // kubeletContainer is the CRI status of the static pod's container name, or

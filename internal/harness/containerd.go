@@ -297,13 +297,7 @@ func (c *Containerd) stopProcess() {
 	if c.cmd == nil || c.cmd.Process == nil {
 		return
 	}
-	_ = syscall.Kill(-c.cmd.Process.Pid, syscall.SIGTERM)
-	select {
-	case <-c.waitCh:
-	case <-time.After(10 * time.Second):
-		_ = syscall.Kill(-c.cmd.Process.Pid, syscall.SIGKILL)
-		<-c.waitCh
-	}
+	StopGroup(c.cmd.Process.Pid, c.waitCh, 10*time.Second)
 	c.cmd = nil
 }
 

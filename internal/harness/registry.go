@@ -179,13 +179,7 @@ func (r *Registry) waitReady(ctx context.Context) error {
 // Stop terminates the registry and removes its storage.
 func (r *Registry) Stop() {
 	if r.cmd != nil && r.cmd.Process != nil {
-		_ = syscall.Kill(-r.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-r.wch:
-		case <-time.After(5 * time.Second):
-			_ = syscall.Kill(-r.cmd.Process.Pid, syscall.SIGKILL)
-			<-r.wch
-		}
+		StopGroup(r.cmd.Process.Pid, r.wch, 5*time.Second)
 		r.cmd = nil
 	}
 	_ = os.RemoveAll(r.Dir)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"syscall"
 	"time"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -74,4 +75,16 @@ func GoTool() (string, error) {
 		return "", fmt.Errorf("no go toolchain: %w", err)
 	}
 	return p, nil
+}
+
+// StopGroup stops the process group led by pid: SIGTERM, then SIGKILL if
+// exited has not delivered within grace. It waits for exited either way.
+func StopGroup(pid int, exited <-chan error, grace time.Duration) {
+	_ = syscall.Kill(-pid, syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(grace):
+		_ = syscall.Kill(-pid, syscall.SIGKILL)
+		<-exited
+	}
 }
