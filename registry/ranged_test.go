@@ -292,8 +292,8 @@ func TestRangedSplitsOnlySlowStreams(t *testing.T) {
 		slow       bool
 		splitBelow float64
 	}{
-		// 64 KiB/s: a chunk would have to wait a whole second to split.
-		{"fast answer stays one stream", false, 64 << 10},
+		// 16 KiB/s: a chunk would have to wait four seconds to split.
+		{"fast answer stays one stream", false, 16 << 10},
 		{"slow answer is split", true, 1 << 20},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

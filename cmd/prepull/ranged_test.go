@@ -9,7 +9,7 @@ import (
 
 // TestRangedPull pulls an image whose layer is 5 default chunks (10 MiB)
 // through the real containerd: with prepull's defaults, on a link that
-// serves one stream at 8 MiB/s (under the split rate), the layer comes in
+// serves one stream at 4 MiB/s (far under the split rate), the layer comes in
 // ranged requests the registry answers 206 (a fast link stays one stream:
 // registry's TestRangedSplitsOnlySlowStreams); with --layer-chunk-size 0 in one stream; and from a slow
 // registry that ignores Range, in one stream after a logged fallback. Each time the image is ready for the CRI (containerd
@@ -52,7 +52,7 @@ func TestRangedPull(t *testing.T) {
 			if tc.slowLink {
 				p.SetRate(func(r *http.Request) int64 {
 					if strings.Contains(r.URL.Path, "/blobs/") && r.Header.Get("Range") == "" {
-						return 8 << 20
+						return 4 << 20
 					}
 					return 0
 				})
