@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
 
@@ -140,4 +142,121 @@ func TestIngestWritable(t *testing.T) {
 	if ingestWritable(ro) {
 		t.Error("read-only content directory: writable")
 	}
+}
+
+// TestFetchAheadIntoContentDir: a small layer fetched ahead of its apply
+// goes into the data file of an ingest (not the content API) where the
+// content store's directory is on this host, and is committed exactly,
+// with the distribution-source label; a blob whose bytes do not match its
+// digest is refused by containerd and leaves nothing behind.
+func TestFetchAheadIntoContentDir(t *testing.T) {
+	t.Parallel()
+	a, client := newTestAgent(t)
+	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
+	ctx, done, err := client.WithLease(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer done(ctx)
+	dir := a.contentDir(ctx)
+	if dir == "" {
+		t.Fatal("the harness containerd reports no content store directory")
+	}
+	cs := client.ContentStore()
+	for i, tc := range []struct {
+		name       string
+		contentDir string
+		wantRef    string // in the ref of the ingest open at the stream's end
+		corrupt    bool
+	}{
+		{name: "data file", contentDir: dir, wantRef: "-prepull-"},
+		{name: "content API", contentDir: "", wantRef: "layer-sha256:"},
+		{name: "wrong bytes", contentDir: dir, wantRef: "-prepull-", corrupt: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			blob := make([]byte, 1<<20+5)
+			rng := rand.New(rand.NewPCG(uint64(i), 99))
+			for j := range blob {
+				blob[j] = byte(rng.Uint32())
+			}
+			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
+			served := blob
+			if tc.corrupt {
+				served = bytes.Clone(blob)
+				served[4000] ^= 1
+			}
+			var refs []string
+			f := fetcherFunc(func(ctx context.Context, d ocispec.Descriptor) (io.ReadCloser, error) {
+				return io.NopCloser(&atEOF{r: bytes.NewReader(served), fn: func() {
+					sts, _ := cs.ListStatuses(ctx)
+					for _, st := range sts {
+						refs = append(refs, st.Ref)
+					}
+				}}), nil
+			})
+			s := &layerStream{a: a, pc: pullClient{contentDir: tc.contentDir}, log: zap.NewNop(), ref: "registry.example/team/app:1", fetcher: f, cs: cs}
+			err := s.fetchInto(ctx, desc)
+			found := false
+			for _, r := range refs {
+				found = found || strings.Contains(r, tc.wantRef)
+			}
+			if !found {
+				t.Errorf("ingests open at the stream's end %v, want one with %q", refs, tc.wantRef)
+			}
+			sts, lerr := cs.ListStatuses(ctx)
+			if lerr != nil {
+				t.Fatal(lerr)
+			}
+			for _, st := range sts {
+				if strings.Contains(st.Ref, desc.Digest.Encoded()) {
+					t.Errorf("ingest %s left behind", st.Ref)
+				}
+			}
+			if tc.corrupt {
+				if err == nil {
+					t.Fatal("a blob not matching its digest was committed")
+				}
+				if _, err := cs.Info(ctx, desc.Digest); !errdefs.IsNotFound(err) {
+					t.Errorf("blob in the store: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := content.ReadBlob(ctx, cs, desc)
+			if err != nil || !bytes.Equal(got, blob) {
+				t.Fatalf("committed blob: %d bytes, equal %v, %v", len(got), bytes.Equal(got, blob), err)
+			}
+			info, err := cs.Info(ctx, desc.Digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if info.Labels["containerd.io/distribution.source.registry.example"] != "team/app" {
+				t.Errorf("labels %v, want the distribution source", info.Labels)
+			}
+		})
+	}
+}
+
+type fetcherFunc func(context.Context, ocispec.Descriptor) (io.ReadCloser, error)
+
+func (f fetcherFunc) Fetch(ctx context.Context, d ocispec.Descriptor) (io.ReadCloser, error) {
+	return f(ctx, d)
+}
+
+// atEOF calls fn once when r is exhausted.
+type atEOF struct {
+	r    io.Reader
+	fn   func()
+	done bool
+}
+
+func (a *atEOF) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if err == io.EOF && !a.done {
+		a.done = true
+		a.fn()
+	}
+	return n, err
 }

@@ -297,13 +297,44 @@ func (s *layerStream) fetchAhead(ctx context.Context, desc ocispec.Descriptor) {
 		}
 		defer s.a.downloads.Release(1)
 	}
-	if err := remotes.Fetch(ctx, s.cs, s.fetcher, desc); err != nil && !errdefs.IsAlreadyExists(err) && ctx.Err() == nil {
+	if err := s.fetchInto(ctx, desc); err != nil && !errdefs.IsAlreadyExists(err) && ctx.Err() == nil {
 		s.log.Debug("fetch ahead failed; the layer streams instead", zap.Stringer("layer", desc.Digest), zap.Error(registry.Redact(err)))
-		return
 	}
-	if h, err := docker.AppendDistributionSourceLabel(s.cs, s.ref); err == nil {
-		_, _ = h(ctx, desc)
+}
+
+// fetchInto fetches desc into the content store and labels it as
+// containerd's fetch does. Where the store's directory is on this host the
+// blob is written into an ingest's data file (as a streamed layer is), not
+// through the content API, whose gRPC stream costs containerd CPU and
+// prepull buffers.
+func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) error {
+	if s.pc.contentDir == "" {
+		if err := remotes.Fetch(ctx, s.cs, s.fetcher, desc); err != nil {
+			return err
+		}
+		if h, err := docker.AppendDistributionSourceLabel(s.cs, s.ref); err == nil {
+			_, _ = h(ctx, desc)
+		}
+		return nil
 	}
+	rc, err := s.fetcher.Fetch(ctx, desc)
+	if err != nil {
+		return err
+	}
+	b, err := newIngest(ctx, s.cs, s.pc.contentDir, rc, desc, func() {})
+	if err != nil {
+		rc.Close()
+		return err
+	}
+	if _, err := io.Copy(io.Discard, b); err != nil {
+		b.abort()
+		return err
+	}
+	if err := b.commit(ctx, s.ref); err != nil {
+		b.abort()
+		return err
+	}
+	return nil
 }
 
 // layer makes the snapshot chainID from desc unless a concurrent pull made
