@@ -40,13 +40,15 @@ type ingest struct {
 	unlock func()
 	ctx    context.Context // for abort, after the pull's context ended
 
-	cur  []byte
-	full chan []byte
-	free chan []byte
+	cur  *[]byte // from teePool, filling
+	full chan *[]byte
+	free chan *[]byte
 	done chan struct{}
 	werr error // the writer goroutine's, read after done
 	n    int64
 	eof  bool
+	// closed: Close ran and gave the buffers back to teePool.
+	closed bool
 
 	closeOnce sync.Once
 }
@@ -54,7 +56,7 @@ type ingest struct {
 func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.ReadCloser, desc ocispec.Descriptor, unlock func()) (*ingest, error) {
 	b := &ingest{
 		r: rc, cs: cs, desc: desc, unlock: unlock, ctx: context.WithoutCancel(ctx),
-		full: make(chan []byte, teeBuffers), free: make(chan []byte, teeBuffers), done: make(chan struct{}),
+		full: make(chan *[]byte, teeBuffers), free: make(chan *[]byte, teeBuffers), done: make(chan struct{}),
 	}
 	if contentDir != "" {
 		ref, f, err := openIngestFile(ctx, cs, contentDir, desc)
@@ -81,7 +83,7 @@ func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.R
 		b.ref, b.w, b.dst = ref, w, w
 	}
 	for range teeBuffers {
-		b.free <- make([]byte, 0, teeBuffer)
+		b.free <- teePool.Get().(*[]byte)
 	}
 	go b.write()
 	return b, nil
@@ -153,7 +155,7 @@ func (b *ingest) write() {
 	defer close(b.done)
 	for buf := range b.full {
 		if b.werr == nil {
-			if _, err := b.dst.Write(buf); err != nil {
+			if _, err := b.dst.Write(*buf); err != nil {
 				if errors.Is(err, io.EOF) || strings.HasSuffix(err.Error(), ": EOF") {
 					// The write stream ended under us: containerd went away.
 					err = fmt.Errorf("%w: %w", errdefs.ErrUnavailable, err)
@@ -161,12 +163,21 @@ func (b *ingest) write() {
 				b.werr = fmt.Errorf("write blob to content store: %w", err)
 			}
 		}
-		b.free <- buf[:0]
+		*buf = (*buf)[:0]
+		b.free <- buf
 	}
 }
 
+// teePool keeps tee buffers between layers: several stream at once and one
+// after another, and fresh buffers per layer were garbage the heap (and the
+// peak RSS) grew by.
+var teePool = sync.Pool{New: func() any { b := make([]byte, 0, teeBuffer); return &b }}
+
 // Read reads the blob and queues what it read for the content store.
 func (b *ingest) Read(p []byte) (int, error) {
+	if b.closed {
+		return 0, errIngestClosed
+	}
 	if b.cur == nil {
 		select {
 		case b.cur = <-b.free:
@@ -174,14 +185,15 @@ func (b *ingest) Read(p []byte) (int, error) {
 			return 0, b.werr
 		}
 	}
-	if len(p) > cap(b.cur)-len(b.cur) {
-		p = p[:cap(b.cur)-len(b.cur)]
+	cur := *b.cur
+	if len(p) > cap(cur)-len(cur) {
+		p = p[:cap(cur)-len(cur)]
 	}
 	n, err := b.r.Read(p)
 	if n > 0 {
-		b.cur = append(b.cur, p[:n]...)
+		*b.cur = append(cur, p[:n]...)
 		b.n += int64(n)
-		if len(b.cur) == cap(b.cur) {
+		if len(*b.cur) == cap(cur) {
 			b.full <- b.cur
 			b.cur = nil
 		}
@@ -194,11 +206,18 @@ func (b *ingest) Read(p []byte) (int, error) {
 }
 
 func (b *ingest) flush() {
-	if len(b.cur) > 0 {
+	if b.cur == nil {
+		return
+	}
+	if len(*b.cur) > 0 {
 		b.full <- b.cur
+	} else {
+		b.free <- b.cur
 	}
 	b.cur = nil
 }
+
+var errIngestClosed = errors.New("read on a closed blob stream")
 
 // Close stops the stream and waits for the writer to catch up.
 func (b *ingest) Close() error {
@@ -207,6 +226,11 @@ func (b *ingest) Close() error {
 		b.flush()
 		close(b.full)
 		<-b.done
+		// Every buffer is back in free: the writer has ended.
+		b.closed = true
+		for len(b.free) > 0 {
+			teePool.Put(<-b.free)
+		}
 		b.unlock()
 		if b.werr == nil && err != nil && !b.eof {
 			b.werr = err

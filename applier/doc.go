@@ -6,7 +6,7 @@
 // containerd's applier walks every path component of every entry with lstat, opens files through
 // Go's poller and writes through 32 KiB buffers; on a large layer that is most of the time a pull
 // takes. This package keeps directory file descriptors instead of path strings (a path cache was
-// CVE-2025-47290), creates files with raw openat(O_CREAT|O_EXCL|O_NOFOLLOW), writes in 1 MiB
+// CVE-2025-47290), creates files with raw openat(O_CREAT|O_EXCL|O_NOFOLLOW), writes in 256 KiB
 // blocks and sets owner, xattrs, mode and times on the open descriptor, while the blob is read,
 // decompressed (igzip as a child process, or klauspost/compress in-process) and hashed on other
 // goroutines.

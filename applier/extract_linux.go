@@ -51,7 +51,7 @@ type extractor struct {
 	dirTimes   []dirTime
 	rootOpaque bool // this Apply set trusted.overlay.opaque on the root itself
 
-	buf  []byte
+	buf  *chunk                  // file data on its way from the tar stream to write(2), from chunkPool
 	hook func(*tar.Header) error // tests only
 }
 
@@ -75,11 +75,17 @@ func newExtractor(log *zap.Logger, root int, overlay bool, lowers []lowerDir) *e
 		dirs:       newDirCache(dirCacheSize),
 		unpacked:   map[string]struct{}{},
 		opaqueDirs: map[string]struct{}{},
-		buf:        make([]byte, chunkSize),
+		buf:        chunkPool.Get().(*chunk),
 	}
 }
 
-func (x *extractor) close() { x.dirs.clear() }
+func (x *extractor) close() {
+	x.dirs.clear()
+	if x.buf != nil {
+		chunkPool.Put(x.buf)
+		x.buf = nil
+	}
+}
 
 // invalidate forgets every cached resolution: called whenever a directory or symlink may
 // have been removed.
@@ -572,12 +578,12 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 	return nil
 }
 
-// copyData writes the entry's bytes in blocks of up to 1 MiB. Reading through tar.Reader.Read
-// (never WriteTo) writes sparse entries dense, as containerd does.
+// copyData writes the entry's bytes in blocks of up to chunkSize. Reading through
+// tar.Reader.Read (never WriteTo) writes sparse entries dense, as containerd does.
 func (x *extractor) copyData(fd int, tr *tar.Reader) error {
 	for {
-		n, err := io.ReadFull(tr, x.buf)
-		for b := x.buf[:n]; len(b) > 0; {
+		n, err := io.ReadFull(tr, x.buf.b)
+		for b := x.buf.b[:n]; len(b) > 0; {
 			w, werr := unix.Write(fd, b)
 			if werr == unix.EINTR {
 				continue

@@ -24,10 +24,12 @@ import (
 
 const (
 	// chunkSize is the unit the decompressed stream moves in between goroutines; large enough
-	// that a big file is written in 512 KiB write(2)s and channel hand-offs are rare, small
-	// enough that several applies at once stay within prepull's memory target.
-	chunkSize = 512 << 10
-	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks of 512 KiB.
+	// that a big file is written in 256 KiB write(2)s and channel hand-offs are rare, small
+	// enough that several applies at once stay within prepull's memory target (64 MiB peak
+	// RSS: four applies at once hold 5 chunks each, 5 MiB in all).
+	chunkSize = 256 << 10
+	// chunksInFlight bounds the memory of one Apply's pipeline: chunksInFlight+2 chunks, plus
+	// the extractor's and the igzip feeder's buffer, all from chunkPool.
 	chunksInFlight = 2
 	// pipeSize is what igzip's pipes are grown to: at the default 64 KiB the child and Go
 	// ping-pong on every few blocks and igzip runs at a fraction of its speed.
@@ -51,7 +53,7 @@ type chunk struct {
 }
 
 // chunkPool keeps chunks between Apply calls: several layers are applied at
-// once and one after another, and fresh 1 MiB chunks per layer were garbage
+// once and one after another, and fresh chunks per layer were garbage
 // that let the heap (and the RSS) grow to twice what is live.
 var chunkPool = sync.Pool{New: func() any { return &chunk{b: make([]byte, chunkSize)} }}
 
@@ -370,7 +372,9 @@ func (a *Applier) startIgzip(ctx context.Context, p *pipeline, blob io.Reader) (
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		_, err := io.CopyBuffer(inW, blob, make([]byte, 256<<10))
+		buf := chunkPool.Get().(*chunk)
+		_, err := io.CopyBuffer(inW, blob, buf.b)
+		chunkPool.Put(buf)
 		inW.Close()
 		if err != nil && ctx.Err() == nil {
 			err = fmt.Errorf("feed igzip: %w", err)
