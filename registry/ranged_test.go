@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"sort"
 	"strconv"
@@ -133,6 +134,9 @@ func newTestRanged(t *testing.T, chunks int, opts ...RangedOption) *Ranged {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Whatever else runs on the test machine, the host counts as idle
+	// (TestRangedHoldsSplitOnBusyHost tests the busy case).
+	r.hostIdle = func() float64 { return 1 }
 	return r
 }
 
@@ -327,6 +331,114 @@ func TestRangedSplitsOnlySlowStreams(t *testing.T) {
 				t.Errorf("%d pool buffers still in use", inUse)
 			}
 		})
+	}
+}
+
+// TestRangedHoldsSplitOnBusyHost: while another blob streams and the
+// host's CPUs are busy, a slow stream is not split (the bytes are not what
+// the pull waits for); alone, or on an idle host, it is.
+func TestRangedHoldsSplitOnBusyHost(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	blobs := [][]byte{testBlob(8*testChunk + 5), testBlob(8*testChunk + 77)}
+	srv := &blobServer{blobs: map[string][]byte{}}
+	for _, b := range blobs {
+		srv.blobs[blobPathOf(b)] = b
+	}
+	srv.fault = func(w http.ResponseWriter, r *http.Request, blob []byte) bool {
+		if r.Header.Get("Range") != "" {
+			return false
+		}
+		// 64 KiB per 100 ms, far under the 1 MiB/s split rate below.
+		w.Header().Set("ETag", etagOf(blob))
+		w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
+		w.WriteHeader(http.StatusOK)
+		w.(http.Flusher).Flush()
+		for off := 0; off < len(blob); off += testChunk {
+			select {
+			case <-time.After(100 * time.Millisecond):
+			case <-r.Context().Done():
+				return true
+			}
+			if _, err := w.Write(blob[off:min(off+testChunk, len(blob))]); err != nil {
+				return true
+			}
+			w.(http.Flusher).Flush()
+		}
+		return true
+	}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	for _, tc := range []struct {
+		name      string
+		idle      float64
+		blobs     int
+		wantSplit bool
+	}{
+		{"two streams, busy host: one stream each", 0.05, 2, false},
+		{"two streams, idle host: split", 0.5, 2, true},
+		{"one stream, busy host: split", 0.05, 1, true},
+		{"two streams, host idle unknown: split", -1, 2, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newTestRanged(t, 4, WithSplitBelow(1<<20))
+			r.hostIdle = func() float64 { return tc.idle }
+			c := rangedClient(t, ts, r)
+			before := len(srv.requests())
+			if tc.blobs == 2 {
+				// The other blob's answer stays open (unread) while the
+				// first is read: another stream throughout.
+				req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, ts.URL+blobPathOf(blobs[1]), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp, err := c.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer resp.Body.Close()
+			}
+			got, err := get(t.Context(), c, ts.URL+blobPathOf(blobs[0]))
+			if err != nil || !bytes.Equal(got, blobs[0]) {
+				t.Fatalf("got %d bytes, equal %v, %v", len(got), bytes.Equal(got, blobs[0]), err)
+			}
+			if want := int32(tc.blobs - 1); r.streams.Load() != want {
+				t.Errorf("%d streams counted after the blob was read, want %d", r.streams.Load(), want)
+			}
+			asked := ranges(srv.requests()[before:])
+			if split := len(asked) > 0; split != tc.wantSplit {
+				t.Errorf("ranged requests %v, want split %v", asked, tc.wantSplit)
+			}
+		})
+	}
+}
+
+// TestCPUIdle reads the idle share of the host's CPU time from a
+// /proc/stat file between two looks.
+func TestCPUIdle(t *testing.T) {
+	path := t.TempDir() + "/stat"
+	write := func(user, idle, iowait uint64) {
+		s := fmt.Sprintf("cpu  %d 0 100 %d %d 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n", user, idle, iowait)
+		if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(1000, 5000, 0)
+	idle := newCPUIdle(path)
+	time.Sleep(cpuIdleMinInterval + 10*time.Millisecond)
+	write(1000+300, 5000+60, 40) // 400 jiffies: 100 idle or iowait
+	if got := idle(); got != 0.25 {
+		t.Errorf("idle share %v, want 0.25", got)
+	}
+	write(1000+300+100, 5000+60+100, 40)
+	if got := idle(); got != 0.25 {
+		t.Errorf("a look within %v: %v, want the previous share 0.25", cpuIdleMinInterval, got)
+	}
+	time.Sleep(cpuIdleMinInterval + 10*time.Millisecond)
+	if got := idle(); got != 0.5 {
+		t.Errorf("idle share %v, want 0.5", got)
+	}
+	if got := newCPUIdle(t.TempDir() + "/none")(); got >= 0 {
+		t.Errorf("no stat file: %v, want negative", got)
 	}
 }
 
