@@ -170,11 +170,13 @@ func (a *Applier) apply(ctx context.Context, desc ocispec.Descriptor, mounts []m
 	}
 	// containerd's daemon syncs when its diff service is configured to; a client-side applier
 	// has no such setting, and the unpacker commits the snapshot as soon as Apply returns.
+	syncStart := time.Now()
 	if err := unix.Syncfs(t.root); err != nil {
 		return ocispec.Descriptor{}, fmt.Errorf("syncfs %s: %w", target, err)
 	}
 	log.Debug("diff applied",
 		zap.Duration("d", time.Since(start)),
+		zap.Duration("syncfs", time.Since(syncStart)),
 		zap.Int64("size", desc.Size),
 		zap.String("media", desc.MediaType),
 		zap.Int64("uncompressed", p.size))
