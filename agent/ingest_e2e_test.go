@@ -235,6 +235,19 @@ func TestFetchAheadIntoContentDir(t *testing.T) {
 			if info.Labels["containerd.io/distribution.source.registry.example"] != "team/app" {
 				t.Errorf("labels %v, want the distribution source", info.Labels)
 			}
+			// Fetched ahead again for an image from another registry: the
+			// blob is there, and gets that source's label too, as
+			// containerd's fetch labels a blob it already has.
+			s.ref = "other.example/team/b:2"
+			if err := s.fetchInto(ctx, desc); err != nil {
+				t.Fatalf("blob already in the store: %v", err)
+			}
+			if info, err = cs.Info(ctx, desc.Digest); err != nil {
+				t.Fatal(err)
+			}
+			if info.Labels["containerd.io/distribution.source.other.example"] != "team/b" {
+				t.Errorf("labels %v, want the second distribution source", info.Labels)
+			}
 		})
 	}
 }

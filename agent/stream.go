@@ -308,14 +308,18 @@ func (s *layerStream) fetchAhead(ctx context.Context, desc ocispec.Descriptor) {
 // through the content API, whose gRPC stream costs containerd CPU and
 // prepull buffers.
 func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) error {
-	if s.pc.contentDir == "" {
-		if err := remotes.Fetch(ctx, s.cs, s.fetcher, desc); err != nil {
-			return err
-		}
+	label := func() error {
 		if h, err := docker.AppendDistributionSourceLabel(s.cs, s.ref); err == nil {
 			_, _ = h(ctx, desc)
 		}
 		return nil
+	}
+	if s.pc.contentDir == "" {
+		// As containerd's fetch: a blob already there is labelled too.
+		if err := remotes.Fetch(ctx, s.cs, s.fetcher, desc); err != nil && !errdefs.IsAlreadyExists(err) {
+			return err
+		}
+		return label()
 	}
 	rc, err := s.fetcher.Fetch(ctx, desc)
 	if err != nil {
@@ -324,6 +328,9 @@ func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) er
 	b, err := newIngest(ctx, s.cs, s.pc.contentDir, rc, desc, func() {})
 	if err != nil {
 		rc.Close()
+		if errdefs.IsAlreadyExists(err) {
+			return label()
+		}
 		return err
 	}
 	if _, err := io.Copy(io.Discard, b); err != nil {

@@ -2,45 +2,56 @@ package registry
 
 import (
 	"bytes"
+	"math"
 	"os"
 	"strconv"
 	"sync"
 	"time"
 )
 
-// cpuIdleMinInterval: a look sooner than this after the previous one
-// returns the previous share (one /proc read per this interval at most).
-const cpuIdleMinInterval = 200 * time.Millisecond
+// The window a CPU idle share is measured over: a look sooner than
+// cpuIdleMinWindow after the last measured one returns that share again;
+// one later than cpuIdleMaxWindow starts a new window (a share over a
+// quiet minute says nothing about now).
+const (
+	cpuIdleMinWindow = 200 * time.Millisecond
+	cpuIdleMaxWindow = 2 * time.Second
+)
 
 // newCPUIdle returns a function that reports the share of the host's CPU
-// time that was idle (idle or iowait in path, /proc/stat's format) since
-// its previous call, or since newCPUIdle; negative when path cannot be
-// read.
+// time that was idle (idle or iowait in path, /proc/stat's format) over
+// the last window of cpuIdleMinWindow to cpuIdleMaxWindow: negative when
+// path cannot be read, NaN when no window is measured yet (ask again
+// later).
 func newCPUIdle(path string) func() float64 {
 	var (
 		mu          sync.Mutex
-		last        time.Time
-		idle, total uint64
-		share       = -1.0
+		start       time.Time // of the window being measured
+		idle, total uint64    // at start
+		share       = math.NaN()
 	)
-	idle, total, ok := readCPUStat(path)
-	if ok {
-		last = time.Now()
+	if i, t, ok := readCPUStat(path); ok {
+		idle, total, start = i, t, time.Now()
 	}
 	return func() float64 {
 		mu.Lock()
 		defer mu.Unlock()
-		if !last.IsZero() && time.Since(last) < cpuIdleMinInterval {
+		now := time.Now()
+		age := now.Sub(start)
+		if !start.IsZero() && age < cpuIdleMinWindow {
 			return share
 		}
 		i, t, ok := readCPUStat(path)
 		if !ok {
 			return -1
 		}
-		if !last.IsZero() && t > total {
+		share = math.NaN()
+		// The kernel's iowait may go backwards: such a window is not
+		// measured.
+		if !start.IsZero() && age <= cpuIdleMaxWindow && t > total && i >= idle && i-idle <= t-total {
 			share = float64(i-idle) / float64(t-total)
 		}
-		idle, total, last = i, t, time.Now()
+		idle, total, start = i, t, now
 		return share
 	}
 }

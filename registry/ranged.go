@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -93,8 +94,9 @@ type Ranged struct {
 
 	// streams counts this Ranged's blob bodies being read.
 	streams atomic.Int32
-	// hostIdle returns the idle share of the host's CPU time since its
-	// previous call, negative if unknown.
+	// hostIdle returns the idle share of the host's CPU time over the
+	// last window (newCPUIdle), negative if unknown, NaN if not measured
+	// yet.
 	hostIdle func() float64
 }
 
@@ -289,8 +291,10 @@ func (b *rangedBody) chunkRead() {
 		return
 	}
 	if b.r.streams.Load() > 1 {
-		if idle := b.r.hostIdle(); idle >= 0 && idle < busyIdle {
-			if !b.held {
+		// NaN: no window measured yet; this stream asks again at its
+		// next chunk.
+		if idle := b.r.hostIdle(); math.IsNaN(idle) || (idle >= 0 && idle < busyIdle) {
+			if !b.held && !math.IsNaN(idle) {
 				b.held = true
 				b.r.log.Debug("blob stream slower than the split rate, but the host's CPUs are busy: not split for now",
 					zap.String("host", b.req.URL.Host), zap.String("path", b.req.URL.Path),

@@ -378,6 +378,7 @@ func TestRangedHoldsSplitOnBusyHost(t *testing.T) {
 		{"two streams, idle host: split", 0.5, 2, true},
 		{"one stream, busy host: split", 0.05, 1, true},
 		{"two streams, host idle unknown: split", -1, 2, true},
+		{"two streams, no window measured yet: one stream each", math.NaN(), 2, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newTestRanged(t, 4, WithSplitBelow(1<<20))
@@ -413,7 +414,8 @@ func TestRangedHoldsSplitOnBusyHost(t *testing.T) {
 }
 
 // TestCPUIdle reads the idle share of the host's CPU time from a
-// /proc/stat file between two looks.
+// /proc/stat file over windows between looks: none before the first
+// window ends, none over a stale one or one where iowait went backwards.
 func TestCPUIdle(t *testing.T) {
 	path := t.TempDir() + "/stat"
 	write := func(user, idle, iowait uint64) {
@@ -424,18 +426,31 @@ func TestCPUIdle(t *testing.T) {
 	}
 	write(1000, 5000, 0)
 	idle := newCPUIdle(path)
-	time.Sleep(cpuIdleMinInterval + 10*time.Millisecond)
+	if got := idle(); !math.IsNaN(got) {
+		t.Errorf("before a window was measured: %v, want NaN", got)
+	}
+	time.Sleep(cpuIdleMinWindow + 10*time.Millisecond)
 	write(1000+300, 5000+60, 40) // 400 jiffies: 100 idle or iowait
 	if got := idle(); got != 0.25 {
 		t.Errorf("idle share %v, want 0.25", got)
 	}
 	write(1000+300+100, 5000+60+100, 40)
 	if got := idle(); got != 0.25 {
-		t.Errorf("a look within %v: %v, want the previous share 0.25", cpuIdleMinInterval, got)
+		t.Errorf("a look within %v: %v, want the previous share 0.25", cpuIdleMinWindow, got)
 	}
-	time.Sleep(cpuIdleMinInterval + 10*time.Millisecond)
+	time.Sleep(cpuIdleMinWindow + 10*time.Millisecond)
 	if got := idle(); got != 0.5 {
 		t.Errorf("idle share %v, want 0.5", got)
+	}
+	write(1000+300+100+50, 5000+60+100-10, 40) // iowait went backwards
+	time.Sleep(cpuIdleMinWindow + 10*time.Millisecond)
+	if got := idle(); !math.IsNaN(got) {
+		t.Errorf("idle went backwards: %v, want NaN", got)
+	}
+	write(2000, 6000, 40)
+	time.Sleep(cpuIdleMaxWindow + 10*time.Millisecond)
+	if got := idle(); !math.IsNaN(got) {
+		t.Errorf("a window of over %v: %v, want NaN", cpuIdleMaxWindow, got)
 	}
 	if got := newCPUIdle(t.TempDir() + "/none")(); got >= 0 {
 		t.Errorf("no stat file: %v, want negative", got)
