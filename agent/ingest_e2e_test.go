@@ -27,18 +27,7 @@ import (
 // check and nothing is committed or left behind.
 func TestIngestIntoContentDir(t *testing.T) {
 	t.Parallel()
-	a, client := newTestAgent(t)
-	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
-	ctx, done, err := client.WithLease(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer done(ctx)
-	dir := a.contentDir(ctx)
-	if dir == "" {
-		t.Fatal("the harness containerd reports no content store directory")
-	}
-	cs := client.ContentStore()
+	_, ctx, cs, dir := contentStoreUnderLease(t)
 	for i, tc := range []struct {
 		name       string
 		contentDir string
@@ -50,12 +39,7 @@ func TestIngestIntoContentDir(t *testing.T) {
 		{name: "data file changed before the commit", contentDir: dir, wantFile: true, tamper: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			blob := make([]byte, 3<<20+17)
-			rng := rand.New(rand.NewPCG(uint64(i), 77))
-			for j := range blob {
-				blob[j] = byte(rng.Uint32())
-			}
-			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
+			blob, desc := randomLayerBlob(3<<20+17, uint64(i), 77)
 			b, err := newIngest(ctx, cs, tc.contentDir, io.NopCloser(bytes.NewReader(blob)), desc, func() {})
 			if err != nil {
 				t.Fatal(err)
@@ -151,18 +135,7 @@ func TestIngestWritable(t *testing.T) {
 // digest is refused by containerd and leaves nothing behind.
 func TestFetchAheadIntoContentDir(t *testing.T) {
 	t.Parallel()
-	a, client := newTestAgent(t)
-	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
-	ctx, done, err := client.WithLease(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer done(ctx)
-	dir := a.contentDir(ctx)
-	if dir == "" {
-		t.Fatal("the harness containerd reports no content store directory")
-	}
-	cs := client.ContentStore()
+	a, ctx, cs, dir := contentStoreUnderLease(t)
 	for i, tc := range []struct {
 		name       string
 		contentDir string
@@ -174,12 +147,7 @@ func TestFetchAheadIntoContentDir(t *testing.T) {
 		{name: "wrong bytes", contentDir: dir, wantRef: "-prepull-", corrupt: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			blob := make([]byte, 1<<20+5)
-			rng := rand.New(rand.NewPCG(uint64(i), 99))
-			for j := range blob {
-				blob[j] = byte(rng.Uint32())
-			}
-			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
+			blob, desc := randomLayerBlob(1<<20+5, uint64(i), 99)
 			served := blob
 			if tc.corrupt {
 				served = bytes.Clone(blob)
@@ -250,6 +218,36 @@ func TestFetchAheadIntoContentDir(t *testing.T) {
 			}
 		})
 	}
+}
+
+// contentStoreUnderLease returns an agent on the harness containerd, a
+// k8s.io context holding a lease until the test ends, the content store
+// and its directory on this host.
+func contentStoreUnderLease(t *testing.T) (*Agent, context.Context, content.Store, string) {
+	t.Helper()
+	a, client := newTestAgent(t)
+	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
+	ctx, done, err := client.WithLease(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = done(context.WithoutCancel(ctx)) })
+	dir := a.contentDir(ctx)
+	if dir == "" {
+		t.Fatal("the harness containerd reports no content store directory")
+	}
+	return a, ctx, client.ContentStore(), dir
+}
+
+// randomLayerBlob returns n random bytes (seeded) and their gzip layer
+// descriptor.
+func randomLayerBlob(n int, seed1, seed2 uint64) ([]byte, ocispec.Descriptor) {
+	blob := make([]byte, n)
+	rng := rand.New(rand.NewPCG(seed1, seed2))
+	for j := range blob {
+		blob[j] = byte(rng.Uint32())
+	}
+	return blob, ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.FromBytes(blob), Size: int64(len(blob))}
 }
 
 type fetcherFunc func(context.Context, ocispec.Descriptor) (io.ReadCloser, error)

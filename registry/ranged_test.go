@@ -272,21 +272,7 @@ func TestRangedSplitsOnlySlowStreams(t *testing.T) {
 		}
 		// One chunk per pause: 64 KiB / 300 ms, far under the 1 MiB/s split
 		// rate below, however the machine is loaded.
-		w.Header().Set("ETag", etagOf(blob))
-		w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
-		w.WriteHeader(http.StatusOK)
-		w.(http.Flusher).Flush() // the headers now, the first chunk after a pause
-		for off := 0; off < len(blob); off += testChunk {
-			select {
-			case <-time.After(pause):
-			case <-r.Context().Done():
-				return true
-			}
-			if _, err := w.Write(blob[off:min(off+testChunk, len(blob))]); err != nil {
-				return true
-			}
-			w.(http.Flusher).Flush()
-		}
+		servePaced(w, r, blob, pause)
 		return true
 	}
 	ts := httptest.NewServer(srv)
@@ -349,21 +335,7 @@ func TestRangedHoldsSplitOnBusyHost(t *testing.T) {
 			return false
 		}
 		// 64 KiB per 100 ms, far under the 1 MiB/s split rate below.
-		w.Header().Set("ETag", etagOf(blob))
-		w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
-		w.WriteHeader(http.StatusOK)
-		w.(http.Flusher).Flush()
-		for off := 0; off < len(blob); off += testChunk {
-			select {
-			case <-time.After(100 * time.Millisecond):
-			case <-r.Context().Done():
-				return true
-			}
-			if _, err := w.Write(blob[off:min(off+testChunk, len(blob))]); err != nil {
-				return true
-			}
-			w.(http.Flusher).Flush()
-		}
+		servePaced(w, r, blob, 100*time.Millisecond)
 		return true
 	}
 	ts := httptest.NewServer(srv)
@@ -454,6 +426,26 @@ func TestCPUIdle(t *testing.T) {
 	}
 	if got := newCPUIdle(t.TempDir() + "/none")(); got >= 0 {
 		t.Errorf("no stat file: %v, want negative", got)
+	}
+}
+
+// servePaced answers blob whole (200), one testChunk per pause: the
+// headers at once, the first chunk after a pause.
+func servePaced(w http.ResponseWriter, r *http.Request, blob []byte, pause time.Duration) {
+	w.Header().Set("ETag", etagOf(blob))
+	w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
+	w.WriteHeader(http.StatusOK)
+	w.(http.Flusher).Flush()
+	for off := 0; off < len(blob); off += testChunk {
+		select {
+		case <-time.After(pause):
+		case <-r.Context().Done():
+			return
+		}
+		if _, err := w.Write(blob[off:min(off+testChunk, len(blob))]); err != nil {
+			return
+		}
+		w.(http.Flusher).Flush()
 	}
 }
 
