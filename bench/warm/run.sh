@@ -113,6 +113,18 @@ contender "today-read-B-alone" "$B_MIB" "$BASE" warm "$(dirs "$B")"
 contender "prepull-read-B-alone" "$B_MIB" "${WD[@]}" -mode read "$B"
 contender "prepull-extents-B-alone" "$B_MIB" "${WD[@]}" -mode extents "$B"
 contender "before-extents-B-alone" "$B_MIB" "$WORK/warmdriver-before" warm -mode extents "$B"
+# The CPU floor of extents mode on this machine: its per-file system calls alone (no queue,
+# merging or device reads), and the device reads alone (fio, 1 MiB O_DIRECT preads on as many
+# threads as the warmer keeps device requests in flight: 24 of its 32 workers), for the same bytes.
+contender "floor-calls-all" 0 "$WORK/warmdriver" floor "${LAYERS[@]}"
+contender "floor-calls-B-alone" 0 "$WORK/warmdriver" floor "$M/4/fs"
+floor_device_reads() {
+	local per=$((IMG_MIB / 24))
+	/usr/bin/time -o "$WORK/floor-device-reads.out" -f '{"image":"ALL","cpu_user_seconds":%U,"cpu_system_seconds":%S,"max_rss_mib":0}' \
+		fio --name=floor --filename="$(cat "$WORK/loopdev")" --readonly --rw=read --bs=1M --direct=1 --ioengine=psync \
+		--thread --numjobs=24 --size="${per}M" --offset_increment="${per}M" --output-format=terse >/dev/null
+}
+contender "floor-device-reads" "$IMG_MIB" floor_device_reads
 
 fi
 
@@ -128,12 +140,12 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 	while IFS=$'\t' read -r name wall needed slow load; do
 		req="-" a="-" b="-" c="-" cpu="-" cpus="-" rss="-" vs="-"
 		# vmtouch -t read the whole set: compare only contenders that did too.
-		[[ $name == *-alone ]] || vs=$(printf '%.2fx' "$(echo "$vm / $wall" | bc -l)")
-		if [[ $name == prepull-* || $name == before-* ]]; then
+		[[ $name == *-alone || $name == floor-* ]] || vs=$(printf '%.2fx' "$(echo "$vm / $wall" | bc -l)")
+		if [[ $name == prepull-* || $name == before-* || $name == floor-* ]]; then
 			all=$(grep '"image":"ALL"' "$WORK/$name.out")
-			req=$(printf '%.1f' "$(echo "$(jget "$all" bytes_requested) / 1048576 / $wall" | bc -l)")
-			cpu=$(printf '%.1f' "$(jget "$all" cpu_percent_of_one_core)")
+			[[ $name == floor-* ]] || req=$(printf '%.1f' "$(echo "$(jget "$all" bytes_requested) / 1048576 / $wall" | bc -l)")
 			cpus=$(printf '%.2f' "$(echo "$(jget "$all" cpu_user_seconds) + $(jget "$all" cpu_system_seconds)" | bc -l)")
+			cpu=$(printf '%.1f' "$(echo "100 * $cpus / $wall" | bc -l)")
 			rss=$(printf '%.0f' "$(jget "$all" max_rss_mib)")
 			for img in A B C; do
 				line=$(grep "\"image\":\"$img\"" "$WORK/$name.out" || true)
@@ -153,5 +165,8 @@ jget() { sed -n "s/.*\"$2\":\"\{0,1\}\([^,\"}]*\).*/\1/p" <<<"$1"; }
 	echo "today = the warm-up before issue 13 (BASE_REV $BASE_REV: Readdir with an lstat per entry, images one after"
 	echo "another, one process each); all = WarmAll of this tree; before = extents mode at BEFORE_REV $BEFORE_REV (issue 13"
 	echo "done, before the CPU work of issue 13's last target). B-alone: the 40k-small-file image by itself."
+	echo "floor: the CPU of extents mode's system calls alone here (warmdriver floor: openat, fstat, FIEMAP, close"
+	echo "and fstatat per regular file, 32 workers, no device reads; fio: the device reads alone, 1 MiB O_DIRECT"
+	echo "preads on 24 threads). Their CPU s summed is what extents mode cannot go below on this machine."
 } | tee "$WORK/table.md"
 cp "$WORK/table.md" "$HERE/last-run.md"

@@ -33,7 +33,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: warmdriver gen ROOT | warmdriver warm [flags] NAME=DIR[:DIR...]...")
+		return errors.New("usage: warmdriver gen ROOT | warmdriver warm [flags] NAME=DIR[:DIR...]... | warmdriver floor [-workers N] DIR...")
 	}
 	switch args[0] {
 	case "gen":
@@ -43,6 +43,8 @@ func run(ctx context.Context, args []string) error {
 		return gen(args[1])
 	case "warm":
 		return warm(ctx, args[1:])
+	case "floor":
+		return floor(args[1:])
 	}
 	return fmt.Errorf("unknown command %q", args[0])
 }
