@@ -3,17 +3,24 @@ package agent
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/leases"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prepull/prepull/internal/harness"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -223,9 +230,9 @@ func TestFetchAheadIntoContentDir(t *testing.T) {
 // contentStoreUnderLease returns an agent on the harness containerd, a
 // k8s.io context holding a lease until the test ends, the content store
 // and its directory on this host.
-func contentStoreUnderLease(t *testing.T) (*Agent, context.Context, content.Store, string) {
+func contentStoreUnderLease(t *testing.T, opts ...Option) (*Agent, context.Context, content.Store, string) {
 	t.Helper()
-	a, client := newTestAgent(t)
+	a, client := newTestAgent(t, opts...)
 	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
 	ctx, done, err := client.WithLease(ctx)
 	if err != nil {
@@ -270,4 +277,124 @@ func (a *atEOF) Read(p []byte) (int, error) {
 		a.fn()
 	}
 	return n, err
+}
+
+// TestStreamBlobCommittedMeanwhile: a layer streams with its blob kept, and
+// the blob is committed by someone else after the stream found it missing:
+// by the holder of the blob lock the stream waits for (another image's fetch
+// ahead), or by a puller that takes no prepull lock (the CRI's own pull)
+// while the stream's request is on its way. containerd's fetch takes a blob
+// that exists as done; so must the stream: the layer applies, its snapshot
+// is committed, and the blob carries this repository's source label.
+func TestStreamBlobCommittedMeanwhile(t *testing.T) {
+	t.Parallel()
+	a, ctx, cs, _ := contentStoreUnderLease(t, WithApplier(ApplierPrepull))
+	pc := a.pullClient(ctx, "overlayfs")
+	if pc.fast == nil || pc.contentDir == "" {
+		t.Fatalf("want prepull's applier and the content directory: applier %v, directory %q", pc.fast != nil, pc.contentDir)
+	}
+	for i, how := range []string{"while waiting for the blob lock", "during the request", "before the stream, outside its lease"} {
+		t.Run(how, func(t *testing.T) {
+			l, err := harness.Layer(harness.RandomFiles("/r", 2, 4096, uint64(4242+i)), true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc, err := l.Compressed()
+			if err != nil {
+				t.Fatal(err)
+			}
+			blob, err := io.ReadAll(rc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dg, _ := l.Digest()
+			did, _ := l.DiffID()
+			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.Digest(dg.String()), Size: int64(len(blob))}
+			diffID := digest.Digest(did.String())
+			other := func() error {
+				return content.WriteBlob(ctx, cs, "other-puller-"+desc.Digest.Encoded(), bytes.NewReader(blob), desc)
+			}
+			f := fetcherFunc(func(ctx context.Context, d ocispec.Descriptor) (io.ReadCloser, error) {
+				if i == 1 {
+					if err := other(); err != nil {
+						return nil, err
+					}
+				}
+				return io.NopCloser(bytes.NewReader(blob)), nil
+			})
+			const ref = "registry.example/team/app:1"
+			s := &layerStream{a: a, pc: pc, log: zap.NewNop(), ref: ref, snapshotter: "overlayfs",
+				fetcher: f, st: &pullState{}, cs: cs, sn: pc.SnapshotService("overlayfs")}
+			errc := make(chan error, 1)
+			if i == 0 {
+				blobKey := fmt.Sprintf("blob://%v", desc.Digest)
+				if err := a.locker.Lock(ctx, blobKey); err != nil {
+					t.Fatal(err)
+				}
+				go func() { errc <- s.layer(ctx, desc, diffID, diffID, "") }()
+				// Once the layer's extraction snapshot is prepared, its stream
+				// is on its way to the lock (if it is not there yet, the blob
+				// is found before the lock instead: that passes too).
+				waitFor(t, 30*time.Second, func() bool {
+					found := false
+					_ = s.sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+						found = found || (info.Kind == snapshots.KindActive && strings.HasSuffix(info.Name, diffID.String()))
+						return nil
+					})
+					return found
+				})
+				time.Sleep(100 * time.Millisecond)
+				err := other()
+				a.locker.Unlock(blobKey)
+				if err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				if i == 2 {
+					noLease := namespaces.WithNamespace(context.WithoutCancel(t.Context()), "k8s.io")
+					if err := content.WriteBlob(noLease, cs, "other-puller-"+desc.Digest.Encoded(), bytes.NewReader(blob), desc); err != nil {
+						t.Fatal(err)
+					}
+				}
+				go func() { errc <- s.layer(ctx, desc, diffID, diffID, "") }()
+			}
+			if err := <-errc; err != nil {
+				t.Fatalf("a blob committed by another puller failed the layer: %v", err)
+			}
+			if _, err := s.sn.Stat(ctx, diffID.String()); err != nil {
+				t.Errorf("snapshot %s not committed: %v", diffID, err)
+			}
+			info, err := cs.Info(ctx, desc.Digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := info.Labels["containerd.io/distribution.source.registry.example"]; got != "team/app" {
+				t.Errorf("distribution source label %q, want team/app (labels %v)", got, info.Labels)
+			}
+			if got := info.Labels[labels.LabelUncompressed]; got != diffID.String() {
+				t.Errorf("uncompressed label %q, want %s", got, diffID)
+			}
+			// Under the pull's lease, as containerd's fetch leases a blob it
+			// finds: a collection before the image record references it
+			// cannot take it.
+			id, _ := leases.FromContext(ctx)
+			rs, err := a.client.LeasesService().ListResources(ctx, leases.Lease{ID: id})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Contains(rs, leases.Resource{ID: desc.Digest.String(), Type: "content"}) {
+				t.Errorf("blob not under the pull's lease: %v", rs)
+			}
+		})
+	}
+}
+
+// waitFor polls cond until it holds, failing the test after limit.
+func waitFor(t *testing.T, limit time.Duration, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(limit); !cond(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("still not so after %s", limit)
+		}
+	}
 }

@@ -288,7 +288,7 @@ func (s *layerStream) fetchAhead(ctx context.Context, desc ocispec.Descriptor) {
 		return
 	}
 	defer s.a.locker.Unlock(blobKey)
-	if _, err := s.cs.Info(ctx, desc.Digest); err == nil {
+	if s.present(ctx, desc) {
 		return
 	}
 	if s.a.downloads != nil {
@@ -309,9 +309,7 @@ func (s *layerStream) fetchAhead(ctx context.Context, desc ocispec.Descriptor) {
 // prepull buffers.
 func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) error {
 	label := func() error {
-		if h, err := docker.AppendDistributionSourceLabel(s.cs, s.ref); err == nil {
-			_, _ = h(ctx, desc)
-		}
+		s.labelSource(ctx, desc)
 		return nil
 	}
 	if s.pc.contentDir == "" {
@@ -460,11 +458,12 @@ func (s *layerStream) exists(ctx context.Context, chainID digest.Digest) bool {
 // blob is in the content store once the ingest is committed.
 func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount) (_ ocispec.Descriptor, stored bool, _ *ingest, _ error) {
 	progress := diff.WithProgress(s.st.applied)
-	if _, err := s.cs.Info(ctx, desc.Digest); err == nil {
+	if s.present(ctx, desc) {
 		d, err := s.pc.fast.Apply(ctx, desc, mounts, progress)
 		return d, true, nil, err
 	}
 	var blob *ingest
+	present := false
 	layerCtx := ctx // the content writer outlives the apply's blob context, to commit
 	open := func(ctx context.Context, desc ocispec.Descriptor) (io.ReadCloser, error) {
 		// The key containerd's fetch locks the blob with.
@@ -473,6 +472,17 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 			return nil, err
 		}
 		unlock := sync.OnceFunc(func() { s.a.locker.Unlock(blobKey) })
+		if s.present(ctx, desc) {
+			// Committed by whoever held the lock (another image's fetch
+			// ahead): read it from the store.
+			ra, err := s.cs.ReaderAt(ctx, desc)
+			if err != nil {
+				unlock()
+				return nil, err
+			}
+			present = true
+			return onClose{readCloser{content.NewReader(ra), ra}, unlock}, nil
+		}
 		if s.a.downloads != nil {
 			if err := s.a.downloads.Acquire(ctx, 1); err != nil {
 				unlock()
@@ -489,6 +499,14 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 			return onClose{rc, unlock}, nil
 		}
 		b, err := newIngest(layerCtx, s.cs, s.pc.contentDir, rc, desc, unlock)
+		if errdefs.IsAlreadyExists(err) {
+			// Committed meanwhile by a puller that does not take prepull's
+			// locks (the CRI's own pull): the stream still applies, and the
+			// digest check holds the bytes to that blob.
+			present = true
+			s.labelSource(ctx, desc)
+			return onClose{rc, unlock}, nil
+		}
 		if err != nil {
 			rc.Close()
 			unlock()
@@ -498,7 +516,40 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 		return b, nil
 	}
 	d, err := s.pc.fast.ApplyStream(ctx, open, desc, mounts, progress)
-	return d, !s.a.discard, blob, err
+	return d, !s.a.discard || present, blob, err
+}
+
+// present says whether desc's blob is in the content store. First it puts
+// the digest under the pull's lease, as containerd's fetch does for content
+// that exists, so a collection between this check and the blob's use cannot
+// take it; a blob found is labelled with this repository as a distribution
+// source, as containerd's fetch labels one it finds.
+func (s *layerStream) present(ctx context.Context, desc ocispec.Descriptor) bool {
+	if id, ok := leases.FromContext(ctx); ok {
+		r := leases.Resource{ID: desc.Digest.String(), Type: "content"}
+		if err := s.pc.LeasesService().AddResource(ctx, leases.Lease{ID: id}, r); err != nil {
+			s.log.Debug("lease content", zap.Stringer("digest", desc.Digest), zap.Error(err))
+		}
+	}
+	if _, err := s.cs.Info(ctx, desc.Digest); err != nil {
+		return false
+	}
+	s.labelSource(ctx, desc)
+	return true
+}
+
+// labelSource labels desc's blob with this repository as a distribution
+// source; a failure only costs a cross-repository mount later.
+func (s *layerStream) labelSource(ctx context.Context, desc ocispec.Descriptor) {
+	if h, err := docker.AppendDistributionSourceLabel(s.cs, s.ref); err == nil {
+		_, _ = h(ctx, desc)
+	}
+}
+
+// readCloser reads from one thing and closes another.
+type readCloser struct {
+	io.Reader
+	io.Closer
 }
 
 func (s *layerStream) report(ctx context.Context, desc ocispec.Descriptor, start time.Time, err error) {
