@@ -288,7 +288,9 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 		containerd.WithPlatformMatcher(matcher),
 		containerd.WithPullLabels(labels),
 		containerd.WithMaxConcurrentDownloads(a.opts.maxDownloads),
-		containerd.WithImageHandlerWrapper(st.countLayers),
+		containerd.WithImageHandlerWrapper(func(h images.Handler) images.Handler {
+			return st.countLayers(limitLayers(semaphore.NewWeighted(int64(a.opts.maxDownloads)), h))
+		}),
 	}
 	unpackOpts := []containerd.UnpackOpt{
 		containerd.WithUnpackDuplicationSuppressor(a.locker),
@@ -371,6 +373,23 @@ func (st *pullState) appliedBytes() (int64, bool) {
 func (st *pullState) setTotal(n int64) {
 	st.total.Store(n)
 	st.counted.Store(true)
+}
+
+// limitLayers lets at most sem's weight of layer fetches of one image run at
+// once (--max-downloads): containerd 2's client no longer bounds its own
+// fetches by WithMaxConcurrentDownloads, which now only sets the parallel
+// requests of one blob.
+func limitLayers(sem *semaphore.Weighted, h images.Handler) images.Handler {
+	return images.HandlerFunc(func(ctx context.Context, desc ocispec.Descriptor) ([]ocispec.Descriptor, error) {
+		if !images.IsLayerType(desc.MediaType) {
+			return h.Handle(ctx, desc)
+		}
+		if err := sem.Acquire(ctx, 1); err != nil {
+			return nil, err
+		}
+		defer sem.Release(1)
+		return h.Handle(ctx, desc)
+	})
 }
 
 // countLayers adds up the layer sizes of the manifests the pull walks, so

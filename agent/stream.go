@@ -19,6 +19,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/transfer"
 	"github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/platforms"
@@ -74,6 +75,15 @@ type resolvedOnce struct {
 	remotes.Resolver
 	ref, name string
 	desc      ocispec.Descriptor
+}
+
+// SetOptions passes client.Pull's download settings on, as checkedResolver
+// does. Fetchers made before (the stream's) keep the settings they were made
+// with: containerd copies them into each fetcher.
+func (r resolvedOnce) SetOptions(opts ...transfer.ImageResolverOption) {
+	if o, ok := r.Resolver.(remotes.ResolverWithOptions); ok {
+		o.SetOptions(opts...)
+	}
 }
 
 func (r resolvedOnce) Resolve(ctx context.Context, ref string) (string, ocispec.Descriptor, error) {

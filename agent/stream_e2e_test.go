@@ -266,3 +266,58 @@ func pullMetadata(t *testing.T, client *containerd.Client, ns, ref string) map[s
 	}
 	return out
 }
+
+// TestDownloadLimitsBoundContainerdFetches: --max-downloads (per image) and
+// --download-limit (across images) bound the layer downloads containerd
+// makes too (its applier, or a layer handed over), not only prepull's own
+// streams. Four throttled layers per image; the harness proxy reports how
+// many of their GETs were in flight at once. Not parallel: it throttles the
+// shared proxy.
+func TestDownloadLimitsBoundContainerdFetches(t *testing.T) {
+	for i, tc := range []struct {
+		name string
+		opts []Option
+		want func(int) bool
+	}{
+		{"max downloads 1", []Option{WithMaxDownloads(1)}, func(n int) bool { return n == 1 }},
+		{"download limit 1", []Option{WithMaxDownloads(4), WithDownloadLimit(1)}, func(n int) bool { return n == 1 }},
+		// The bound is what holds them back: unbounded, they overlap.
+		{"max downloads 4", []Option{WithMaxDownloads(4)}, func(n int) bool { return n > 1 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var layers []v1.Layer
+			var digests []string
+			for j := range 4 {
+				l, err := harness.Layer(harness.RandomFiles("/l", 1, 192<<10, uint64(7000+10*i+j)), true)
+				if err != nil {
+					t.Fatal(err)
+				}
+				d, _ := l.Digest()
+				layers, digests = append(layers, l), append(digests, d.String())
+			}
+			img, err := harness.Image(harness.ImageSpec{Layers: layers, OCI: true, Arch: runtime.GOARCH})
+			if err != nil {
+				t.Fatal(err)
+			}
+			repoTag := fmt.Sprintf("agent/limits-%d:1", i)
+			if _, err := env.Pusher.Push(t.Context(), repoTag, img); err != nil {
+				t.Fatal(err)
+			}
+			env.Proxy.SetRate(func(r *http.Request) int64 {
+				for _, d := range digests {
+					if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/blobs/"+d) {
+						return 1 << 20 // ~0.2 s a layer
+					}
+				}
+				return 0
+			})
+			t.Cleanup(func() { env.Proxy.SetRate(nil) })
+			env.Proxy.Reset()
+			a, _ := newTestAgent(t, append(tc.opts, WithApplier(ApplierContainerd))...)
+			pullOK(t, a, manifest.Image{Ref: env.Ref(repoTag)})
+			if got := env.Proxy.MaxOverlap(digests...); !tc.want(got) {
+				t.Errorf("%d layer downloads in flight at once", got)
+			}
+		})
+	}
+}

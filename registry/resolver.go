@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/containerd/v2/core/remotes"
 	"github.com/containerd/containerd/v2/core/remotes/docker"
 	"github.com/containerd/containerd/v2/core/remotes/docker/config"
+	"github.com/containerd/containerd/v2/core/transfer"
 )
 
 // ResolverOption configures NewResolver.
@@ -89,6 +90,15 @@ type checkedResolver struct{ remotes.Resolver }
 // ErrNotAnImage is returned when a registry serves a reference with a media
 // type that is neither an image manifest nor an index.
 var ErrNotAnImage = errors.New("not an image manifest or index")
+
+// SetOptions passes client.Pull's download settings (its download limiter
+// among them) on to containerd's resolver: containerd 2's client hands them
+// over only to a resolver with this method, and an embedded interface hides it.
+func (r checkedResolver) SetOptions(opts ...transfer.ImageResolverOption) {
+	if o, ok := r.Resolver.(remotes.ResolverWithOptions); ok {
+		o.SetOptions(opts...)
+	}
+}
 
 func (r checkedResolver) Resolve(ctx context.Context, ref string) (string, ocispec.Descriptor, error) {
 	name, desc, err := r.Resolver.Resolve(ctx, ref)

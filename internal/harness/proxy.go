@@ -9,15 +9,17 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"regexp"
+	"slices"
 	"sync"
 	"time"
 )
 
 // Request is one request the proxy forwarded or answered.
 type Request struct {
-	Method string
-	Path   string
-	Status int
+	Method     string
+	Path       string
+	Status     int
+	Start, End time.Time // the request's arrival and its answer's end
 }
 
 // Proxy is a plain-HTTP reverse proxy on loopback in front of a registry. It
@@ -53,9 +55,10 @@ func NewProxy(target string, pool *x509.CertPool) (*Proxy, error) {
 	}
 	p.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rec := &statusRecorder{ResponseWriter: w, status: http.StatusOK}
+		start := time.Now()
 		defer func() {
 			p.mu.Lock()
-			p.reqs = append(p.reqs, Request{Method: r.Method, Path: r.URL.Path, Status: rec.status})
+			p.reqs = append(p.reqs, Request{Method: r.Method, Path: r.URL.Path, Status: rec.status, Start: start, End: time.Now()})
 			p.mu.Unlock()
 		}()
 		p.mu.Lock()
@@ -121,6 +124,34 @@ func (p *Proxy) BlobGETs() map[string]int {
 		}
 	}
 	return out
+}
+
+// MaxOverlap is the largest number of the GETs of these blobs that were in
+// flight at one moment.
+func (p *Proxy) MaxOverlap(digests ...string) int {
+	type edge struct {
+		at time.Time
+		d  int
+	}
+	var edges []edge
+	for _, r := range p.Requests() {
+		if m := blobPath.FindStringSubmatch(r.Path); m != nil && r.Method == http.MethodGet && slices.Contains(digests, m[1]) {
+			edges = append(edges, edge{r.Start, 1}, edge{r.End, -1})
+		}
+	}
+	// Ends before starts at the same instant: touching is not overlapping.
+	slices.SortFunc(edges, func(a, b edge) int {
+		if c := a.at.Compare(b.at); c != 0 {
+			return c
+		}
+		return a.d - b.d
+	})
+	n, most := 0, 0
+	for _, e := range edges {
+		n += e.d
+		most = max(most, n)
+	}
+	return most
 }
 
 // Close stops the proxy.
