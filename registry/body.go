@@ -70,6 +70,11 @@ func (b *retryBody) Read(p []byte) (int, error) {
 		if n > 0 {
 			b.noProgress = 0
 		}
+		if err == io.EOF && b.end >= 0 && b.start+b.delivered <= b.end {
+			// A body without a length (chunked) that ends before its range
+			// does: broken off, not done.
+			err = io.ErrUnexpectedEOF
+		}
 		if err == nil || err == io.EOF {
 			return n, err
 		}

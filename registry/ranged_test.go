@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -637,6 +638,49 @@ func TestRangedChunkResumed(t *testing.T) {
 	}
 	if n != 1 {
 		t.Errorf("resume %s asked %d times, want once; requests: %v", resumed, n, ranges(srv.requests()))
+	}
+	ts.CloseClientConnections()
+}
+
+// TestRangedShortChunkResumed: a 206 with the right Content-Range but no
+// Content-Length (chunked) ends 10 bytes short of its range, once: that is a
+// broken-off chunk (resumed from its first missing byte), not the chunk's end.
+func TestRangedShortChunkResumed(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	blob := testBlob(10*testChunk + 999)
+	path := blobPathOf(blob)
+	first, last := int64(3*testChunk), int64(4*testChunk-1)
+	var faults atomic.Int32
+	srv := &blobServer{blobs: map[string][]byte{path: blob}, gate: 1, fault: func(w http.ResponseWriter, r *http.Request, blob []byte) bool {
+		if r.Header.Get("Range") != fmt.Sprintf("bytes=%d-%d", first, last) || faults.Add(1) > 1 {
+			return false
+		}
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", first, last, len(blob)))
+		w.WriteHeader(http.StatusPartialContent)
+		w.(http.Flusher).Flush() // no Content-Length: chunked
+		_, _ = w.Write(blob[first : last+1-10])
+		return true
+	}}
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	r := newTestRanged(t, 3)
+	got, err := get(t.Context(), rangedClient(t, ts, r), ts.URL+path)
+	if err != nil {
+		t.Fatalf("a chunk that ended short once failed the blob: %v", err)
+	}
+	if !bytes.Equal(got, blob) {
+		t.Fatalf("got %d bytes, not the blob's %d", len(got), len(blob))
+	}
+	if faults.Load() == 0 {
+		t.Fatalf("the short chunk was never asked for; requests: %v", ranges(srv.requests()))
+	}
+	resumed := fmt.Sprintf("bytes=%d-%d", last+1-10, last)
+	found := false
+	for _, rq := range srv.requests() {
+		found = found || rq.rng == resumed
+	}
+	if !found {
+		t.Errorf("no resume %s; requests: %v", resumed, ranges(srv.requests()))
 	}
 	ts.CloseClientConnections()
 }
