@@ -398,3 +398,70 @@ func waitFor(t *testing.T, limit time.Duration, cond func() bool) {
 		}
 	}
 }
+
+// TestBigKeptBlobsAvoidTheMetadataLockWhilePodsRun: containerd hashes a
+// data-file ingest again inside its metadata store's write transaction, so
+// while pods run a kept blob above fileIngestMax streams through the content
+// API instead; with no pod (an AMI being baked) every size takes the data
+// file. The harness CRI runs no pod.
+func TestBigKeptBlobsAvoidTheMetadataLockWhilePodsRun(t *testing.T) {
+	t.Parallel()
+	a, ctx, cs, _ := contentStoreUnderLease(t, WithApplier(ApplierPrepull))
+	if a.runsPods(ctx) {
+		t.Fatal("the harness CRI reports pods running")
+	}
+	a.fileIngestMax = 1 << 20
+	pc := a.pullClient(ctx, "overlayfs")
+	for i, tc := range []struct {
+		name     string
+		pods     bool
+		size     int
+		dataFile bool
+	}{
+		{"no pods, big blob", false, 3 << 20, true},
+		{"pods, small blob", true, 256 << 10, true},
+		{"pods, big blob", true, 3 << 20, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a.podsRunning.Store(tc.pods)
+			l, err := harness.Layer(harness.RandomFiles("/k", 2, tc.size/2, uint64(5150+i)), true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc, err := l.Compressed()
+			if err != nil {
+				t.Fatal(err)
+			}
+			blob, err := io.ReadAll(rc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dg, _ := l.Digest()
+			did, _ := l.DiffID()
+			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.Digest(dg.String()), Size: int64(len(blob))}
+			diffID := digest.Digest(did.String())
+			var refs []string
+			f := fetcherFunc(func(ctx context.Context, d ocispec.Descriptor) (io.ReadCloser, error) {
+				return io.NopCloser(&atEOF{r: bytes.NewReader(blob), fn: func() {
+					sts, _ := cs.ListStatuses(ctx)
+					for _, st := range sts {
+						if strings.Contains(st.Ref, desc.Digest.Encoded()) {
+							refs = append(refs, st.Ref)
+						}
+					}
+				}}), nil
+			})
+			s := &layerStream{a: a, pc: pc, log: zap.NewNop(), ref: "registry.example/team/app:1", snapshotter: "overlayfs",
+				fetcher: f, st: &pullState{}, cs: cs, sn: pc.SnapshotService("overlayfs")}
+			if err := s.layer(ctx, desc, diffID, diffID, ""); err != nil {
+				t.Fatal(err)
+			}
+			if len(refs) != 1 || strings.Contains(refs[0], "-prepull-") != tc.dataFile {
+				t.Errorf("ingests at the stream's end %v; want the data file path: %v", refs, tc.dataFile)
+			}
+			if _, err := cs.Info(ctx, desc.Digest); err != nil {
+				t.Errorf("blob not committed: %v", err)
+			}
+		})
+	}
+}

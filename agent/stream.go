@@ -508,7 +508,11 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 		if s.a.discard {
 			return onClose{rc, unlock}, nil
 		}
-		b, err := newIngest(layerCtx, s.cs, s.pc.contentDir, rc, desc, unlock)
+		dir := s.pc.contentDir
+		if !s.a.ingestToFile(desc.Size) {
+			dir = ""
+		}
+		b, err := newIngest(layerCtx, s.cs, dir, rc, desc, unlock)
 		if errdefs.IsAlreadyExists(err) {
 			// Committed meanwhile by a puller that does not take prepull's
 			// locks (the CRI's own pull): the stream still applies, and the
