@@ -91,9 +91,11 @@ func (a *Agent) runsPods(ctx context.Context) bool {
 	return len(resp.GetItems()) > 0
 }
 
+// newIngest streams rc to its reader and into the content store. unlock runs
+// once the blob is committed or aborted, whichever the caller does next.
 func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.ReadCloser, desc ocispec.Descriptor, unlock func()) (*ingest, error) {
 	b := &ingest{
-		r: rc, cs: cs, desc: desc, unlock: unlock, ctx: context.WithoutCancel(ctx),
+		r: rc, cs: cs, desc: desc, unlock: sync.OnceFunc(unlock), ctx: context.WithoutCancel(ctx),
 		full: make(chan *[]byte, teeBuffers), free: make(chan *[]byte, teeBuffers), done: make(chan struct{}),
 	}
 	if contentDir != "" {
@@ -269,7 +271,6 @@ func (b *ingest) Close() error {
 		for len(b.free) > 0 {
 			teePool.Put(<-b.free)
 		}
-		b.unlock()
 		if b.werr == nil && err != nil && !b.eof {
 			b.werr = err
 		}
@@ -285,6 +286,9 @@ func (b *ingest) Close() error {
 // commit commits the blob: the whole stream was read and the content store
 // verifies its size and digest again.
 func (b *ingest) commit(ctx context.Context, ref string) error {
+	// The blob lock is let go once the blob is in the store (or dropped): a
+	// puller waiting on it then finds the blob instead of fetching it again.
+	defer b.unlock()
 	b.Close()
 	if b.werr != nil {
 		return b.werr
@@ -334,6 +338,7 @@ func (b *ingest) label(ctx context.Context, ref string) error {
 // (the CRI's fetch shares the content API's ref), whose ingest the abort
 // would then drop.
 func (b *ingest) abort() {
+	defer b.unlock()
 	b.Close()
 	_ = b.cs.Abort(b.ctx, b.ref)
 	if b.w != nil {

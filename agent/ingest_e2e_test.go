@@ -465,3 +465,38 @@ func TestBigKeptBlobsAvoidTheMetadataLockWhilePodsRun(t *testing.T) {
 		})
 	}
 }
+
+// TestIngestHoldsBlobLockUntilCommit: the blob lock passed to an ingest is let
+// go when the blob is committed or aborted, not when the stream closes (a
+// puller waiting on the lock in between would fetch the blob again).
+func TestIngestHoldsBlobLockUntilCommit(t *testing.T) {
+	t.Parallel()
+	_, ctx, cs, dir := contentStoreUnderLease(t)
+	for i, end := range []string{"commit", "abort"} {
+		t.Run(end, func(t *testing.T) {
+			blob, desc := randomLayerBlob(300<<10, uint64(80+i), 7)
+			unlocked := 0
+			b, err := newIngest(ctx, cs, dir, io.NopCloser(bytes.NewReader(blob)), desc, func() { unlocked++ })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.Copy(io.Discard, b); err != nil {
+				t.Fatal(err)
+			}
+			b.Close()
+			if unlocked != 0 {
+				t.Fatal("the blob lock was let go when the stream closed")
+			}
+			if end == "commit" {
+				if err := b.commit(ctx, "registry.example/team/app:1"); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				b.abort()
+			}
+			if unlocked != 1 {
+				t.Errorf("blob lock let go %d times after the %s, want once", unlocked, end)
+			}
+		})
+	}
+}
