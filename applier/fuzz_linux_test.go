@@ -70,7 +70,7 @@ func FuzzApply(f *testing.F) {
 		if len(data) > 0 && data[len(data)-1]&1 == 1 {
 			m = modeBind
 		}
-		c := diffCase{name: "fuzz", layer: layer, comp: compNone}
+		c := diffCase{name: "fuzz", layer: layer, comp: compNone, mayFallback: true}
 		if m == modeOverlay {
 			c.lowers = fuzzLowers(t)
 		}

@@ -17,10 +17,12 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/content"
+	"github.com/containerd/containerd/v2/core/diff"
 	"github.com/containerd/containerd/v2/core/diff/apply"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/plugins/content/local"
+	"github.com/containerd/containerd/v2/plugins/diff/walking"
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 	digest "github.com/opencontainers/go-digest"
@@ -374,6 +376,11 @@ type diffCase struct {
 	// blob, when set, writes the layer into the store itself (layers too big to hold in
 	// memory) instead of layer and comp.
 	blob func(t testing.TB, s *store) ocispec.Descriptor
+	// fallback, when set, is the reason prepull's applier must refuse the layer for; it must
+	// then leave the target empty, and Fallback has containerd's applier apply it there. Without
+	// it a refusal is an error, unless mayFallback (generated layers).
+	fallback    Reason
+	mayFallback bool
 }
 
 type preContent interface{ Apply(string) error }
@@ -465,11 +472,19 @@ func runDiff(t *testing.T, c diffCase, m mode) {
 		if c.gz != "" {
 			opts = append(opts, WithDecompressor(c.gz))
 		}
-		a := New(s, zaptest.NewLogger(t), opts...)
-		got.desc, got.err = a.Apply(ctx, desc, mounts)
+		fast := &refusalCheck{t: t, a: New(s, zaptest.NewLogger(t), opts...), root: root}
+		rec := &recorder{}
+		slow := CompareWith(apply.NewFileSystemApplier(s), walking.NewWalkingDiff(s))
+		f := NewFallback(fast, slow, zaptest.NewLogger(t), WithObserver(rec))
+		got.desc, got.err = f.Apply(ctx, desc, mounts)
 		got.tree = snapshot(t, root)
-		if errors.Is(got.err, ErrUnsupported) && len(got.tree) != 1 {
-			t.Errorf("prepull's applier refused the layer (%v) but left %d entries", got.err, len(got.tree)-1)
+		switch refused := ReasonOf(fast.err); {
+		case c.fallback != "" && refused != c.fallback:
+			t.Errorf("prepull's applier should have refused the layer (%s), got %v", c.fallback, fast.err)
+		case c.fallback == "" && refused != "" && !c.mayFallback:
+			t.Errorf("prepull's applier refused the layer: %v", fast.err)
+		case refused != "" && (len(rec.layers) != 1 || rec.layers[0].Applier != NameContainerd || rec.layers[0].Fallback != refused):
+			t.Errorf("refused (%v) but the observer saw %+v", fast.err, rec.layers)
 		}
 		if got.err == nil && c.validate != nil {
 			if err := c.validate(root); err != nil {
@@ -493,6 +508,26 @@ func runDiff(t *testing.T, c diffCase, m mode) {
 		t.Errorf("canary directory outside the roots changed")
 		compareTrees(t, before, after, 0)
 	}
+}
+
+// refusalCheck is prepull's applier as Fallback sees it, checking that a refusal left the target
+// empty (what lets containerd's applier take over).
+type refusalCheck struct {
+	t    testing.TB
+	a    *Applier
+	root string
+	err  error
+}
+
+func (r *refusalCheck) Apply(ctx context.Context, desc ocispec.Descriptor, mounts []mount.Mount, opts ...diff.ApplyOpt) (ocispec.Descriptor, error) {
+	d, err := r.a.Apply(ctx, desc, mounts, opts...)
+	r.err = err
+	if errors.Is(err, ErrUnsupported) {
+		if tree := snapshot(r.t, r.root); len(tree) != 1 {
+			r.t.Errorf("prepull's applier refused the layer (%v) but left %d entries", err, len(tree)-1)
+		}
+	}
+	return d, err
 }
 
 func sameTree(a, b map[string]*node) bool {
