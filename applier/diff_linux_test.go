@@ -204,6 +204,14 @@ func corpus(t testing.TB) []diffCase {
 			fileE("d/x", "x", 0o644),
 			symE("d", "e"),
 		)},
+		// containerd sets a directory's times when it creates it, and again in its last pass
+		// on what the name resolves to then: here another directory.
+		{name: "dir-times-at-create", layer: tarOf(t,
+			symE("l", "A"),
+			dirE("l/x", 0o755, mtime(t1999)),
+			symE("l", "B"),
+			fileE("B/x/keep", "k", 0o644),
+		)},
 		{name: "unsupported-type-mid-layer", layer: tarOf(t,
 			dirE("a", 0o755),
 			fileE("a/f", "f", 0o644),

@@ -561,12 +561,9 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		}
 	}
 
-	if hdr.Typeflag == tar.TypeDir {
-		// Its children change its times; they are set once at the end, as containerd's
-		// last pass does.
-		return nil
-	}
 	if fd >= 0 {
+		// A directory's too: its children change them and containerd's last pass sets them
+		// again, on what its name resolves to then, which need not be this directory.
 		if err := futimens(fd, times); err != nil {
 			return fmt.Errorf("failed call to UtimesNanoAt for %s: %w", path, err)
 		}
