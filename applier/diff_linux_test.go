@@ -212,6 +212,15 @@ func corpus(t testing.TB) []diffCase {
 			symE("l", "B"),
 			fileE("B/x/keep", "k", 0o644),
 		)},
+		// containerd computes an entry's path once, then removes what is there: here the
+		// very link its parent's name resolved through ("l/" = P/x/../.. = /P/a/b/../.. =
+		// /P). Resolving "l/" again after the removal would give "/".
+		{name: "parent-resolved-through-replaced-link", layer: tarOf(t,
+			dirE("P", 0o755),
+			symE("P/x", "/P/a/b"),
+			symE("l", "P/x/../.."),
+			fileE("l/x", "replaces the link P/x", 0o644),
+		)},
 		{name: "unsupported-type-mid-layer", layer: tarOf(t,
 			dirE("a", 0o755),
 			fileE("a/f", "f", 0o644),

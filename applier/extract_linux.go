@@ -43,8 +43,9 @@ type extractor struct {
 	// dirs maps an entry's parent as written in the archive ("usr/lib/") to an fd of the
 	// directory it resolved to. Any removal of a directory or symlink, anywhere, can change what
 	// a name resolves to, so it empties the cache (gen counts those events).
-	dirs *dirCache
-	gen  uint64
+	dirs  *dirCache
+	gen   uint64
+	owned int // the current entry's parent fd when the cache does not hold it, else -1
 
 	unpacked   map[string]struct{} // resolved paths written by this layer (bind-mode opaque dirs)
 	opaqueDirs map[string]struct{}
@@ -73,6 +74,7 @@ func newExtractor(log *zap.Logger, root int, overlay bool, lowers []lowerDir) *e
 		overlay:    overlay,
 		lowers:     lowers,
 		dirs:       newDirCache(dirCacheSize),
+		owned:      -1,
 		unpacked:   map[string]struct{}{},
 		opaqueDirs: map[string]struct{}{},
 		buf:        chunkPool.Get().(*chunk),
@@ -80,6 +82,7 @@ func newExtractor(log *zap.Logger, root int, overlay bool, lowers []lowerDir) *e
 }
 
 func (x *extractor) close() {
+	x.release()
 	x.dirs.clear()
 	if x.buf != nil {
 		chunkPool.Put(x.buf)
@@ -92,6 +95,14 @@ func (x *extractor) close() {
 func (x *extractor) invalidate() {
 	x.gen++
 	x.dirs.clear()
+}
+
+// release closes the parent fd the cache did not take, once its entry is done.
+func (x *extractor) release() {
+	if x.owned >= 0 {
+		unix.Close(x.owned)
+		x.owned = -1
+	}
 }
 
 func (x *extractor) apply(ctx context.Context, tr *tar.Reader) error {
@@ -129,6 +140,7 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 	if err != nil {
 		return err
 	}
+	defer x.release()
 	path := filepath.Join(ppath, base)
 
 	if err := validateWhiteout(base); err != nil {
@@ -145,13 +157,13 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 	// less per file, same outcome.
 	isReg := hdr.Typeflag == tar.TypeReg || hdr.Typeflag == tar.TypeRegA //nolint:staticcheck // containerd handles TypeRegA too
 	if !isReg {
-		if pfd, err = x.removeExisting(hdr, pfd, ppathName, base); err != nil {
+		if err := x.removeExisting(hdr, pfd, ppathName, base); err != nil {
 			return err
 		}
 	}
 	err = x.create(hdr, tr, pfd, ppath, base)
 	if errors.Is(err, errExists) {
-		if pfd, err = x.removeExisting(hdr, pfd, ppathName, base); err != nil {
+		if err := x.removeExisting(hdr, pfd, ppathName, base); err != nil {
 			return err
 		}
 		err = x.create(hdr, tr, pfd, ppath, base)
@@ -176,28 +188,34 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 
 var errExists = errors.New("entry exists")
 
-// removeExisting removes what is at pfd/base unless it and the entry are both directories, and
-// returns the parent's fd (the same directory, reopened if the cache had to be emptied).
-func (x *extractor) removeExisting(hdr *tar.Header, pfd int, ppathName, base string) (int, error) {
+// removeExisting removes what is at pfd/base unless it and the entry are both directories.
+// The entry is then created in pfd all the same: containerd computes an entry's path once,
+// before the removal, and the removal of one of its children does not move the parent (its
+// resolved path holds no symlink), even when the name it was resolved from would now resolve
+// elsewhere.
+func (x *extractor) removeExisting(hdr *tar.Header, pfd int, ppathName, base string) error {
 	var st unix.Stat_t
 	if err := unix.Fstatat(pfd, base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return pfd, nil
+		return nil
 	}
 	t := st.Mode & unix.S_IFMT
 	if t == unix.S_IFDIR && hdr.Typeflag == tar.TypeDir {
-		return pfd, nil
+		return nil
 	}
 	if err := removeAll(pfd, base); err != nil {
-		return -1, fmt.Errorf("remove %s: %w", hdr.Name, err)
+		return fmt.Errorf("remove %s: %w", hdr.Name, err)
 	}
 	if t == unix.S_IFDIR || t == unix.S_IFLNK {
-		// Names may now resolve elsewhere. Removing a child of the parent does not move
-		// the parent, so resolving it again finds the same directory.
+		// Names may now resolve elsewhere: forget them all, but keep pfd open for this
+		// entry.
+		if pfd != x.owned {
+			if e := x.dirs.take(ppathName); e != nil && !e.borrowed {
+				x.owned = e.fd
+			}
+		}
 		x.invalidate()
-		fd, _, err := x.parent(ppathName)
-		return fd, err
 	}
-	return pfd, nil
+	return nil
 }
 
 // parent resolves an entry's directory as containerd's fs.RootPath would and opens it, creating
@@ -841,6 +859,17 @@ func (c *dirCache) put(k string, e *dirEntry) {
 	for c.ll.Len() > c.max {
 		c.drop(c.ll.Back())
 	}
+}
+
+// take removes k's entry without closing its fd, which the caller now owns unless borrowed.
+func (c *dirCache) take(k string) *dirEntry {
+	el, ok := c.m[k]
+	if !ok {
+		return nil
+	}
+	c.ll.Remove(el)
+	delete(c.m, k)
+	return el.Value.(*dirEntry)
 }
 
 func (c *dirCache) drop(el *list.Element) {
