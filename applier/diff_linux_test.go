@@ -3,9 +3,11 @@ package applier
 import (
 	"archive/tar"
 	"bytes"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +17,8 @@ import (
 	"github.com/containerd/continuity/fs/fstest"
 	"github.com/klauspost/compress/gzip"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 )
 
 // A valid VFS capability (v2) granting CAP_NET_BIND_SERVICE: chown clears it, so an applier
@@ -84,7 +88,7 @@ func corpus(t testing.TB) []diffCase {
 		fileE("a/big", strings.Repeat("0123456789abcdef", 300000), 0o644),
 		dirE("a", 0o711, mtime(t2030)),
 	)
-	return []diffCase{
+	cases := []diffCase{
 		{name: "basic", layer: basic},
 		{name: "basic-go-gzip", layer: basic, gz: DecompressorGo},
 		{name: "basic-zstd", layer: basic, comp: compZstd},
@@ -221,6 +225,13 @@ func corpus(t testing.TB) []diffCase {
 			symE("l", "P/x/../.."),
 			fileE("l/x", "replaces the link P/x", 0o644),
 		)},
+		{name: "parent-resolved-through-replaced-link-dir", layer: tarOf(t,
+			dirE("P", 0o755),
+			symE("P/x", "/P/a/b"),
+			symE("l", "P/x/../.."),
+			dirE("l/x", 0o700),
+			fileE("l/x/child", "c", 0o644), // "l/x/" = "/x" (lexically: x), not /P/x
+		)},
 		{name: "unsupported-type-mid-layer", layer: tarOf(t,
 			dirE("a", 0o755),
 			fileE("a/f", "f", 0o644),
@@ -229,6 +240,123 @@ func corpus(t testing.TB) []diffCase {
 			fileE("never", "n", 0o644),
 		), fallback: ReasonEntry},
 		{name: "empty-layer", layer: tarOf(t)},
+	}
+	return append(cases, symlinkWalkCorpus(t)...)
+}
+
+// symlinkWalkCorpus is about what containerd's RootPath does beyond its lexical resolution: it
+// lstat()s half-resolved paths, and the kernel follows a symlink left in their directory part
+// physically ("d/.." to d's real parent, absolute targets from the host's "/", ".." out of the
+// root). prepull refuses those layers (ReasonSymlink: containerd's applier applies them), and
+// must resolve everything else exactly, its cache included, while ordinary links (lib ->
+// usr/lib, var/run -> /run) keep the fast path.
+func symlinkWalkCorpus(t testing.TB) []diffCase {
+	return []diffCase{
+		{name: "ordinary-symlinked-parents", layer: tarOf(t,
+			dirE("usr", 0o755),
+			dirE("usr/lib", 0o755),
+			symE("lib", "usr/lib"),
+			symE("lib64", "lib"),   // a link to a link
+			symE("bin", "usr/bin"), // to a directory not there yet
+			dirE("var", 0o755),
+			dirE("run", 0o755),
+			symE("var/run", "/run"),
+			dirE("lib/pkg", 0o711, mtime(t1999)), // a directory under a symlinked parent
+			fileE("lib/pkg/mod.py", "m", 0o644),
+			dirE("lib/pkg/sub", 0o700, mtime(t2030)),
+			fileE("lib/pkg/sub/f", "f", 0o644),
+			fileE("lib/x", "x", 0o644),
+			fileE("lib64/y", "y", 0o644),
+			fileE("bin/sh", "sh", 0o755),
+			fileE("bin/deeper/tool", "t", 0o755),
+			fileE("var/run/pid", "1", 0o644),
+			fileE("usr/lib/pkg/direct", "d", 0o644),
+			symE("usr/lib/cur", "pkg"), // a link in a linked directory (lib/jvm/default-java)
+			fileE("lib/cur/g", "g", 0o644),
+			dirE("lib/pkg", 0o750, mtime(t2030)),
+		)},
+		// The kernel's "d/.." in a link target: RootPath("a/b/") lstat()s "/s/b", which the
+		// kernel reads as f/e/b. A symlink created there later (no removal) changes
+		// containerd's answer for a/b/; a cache of a/b/ would not see it.
+		{name: "kernel-dotdot-stale-cache", fallback: ReasonSymlink, layer: tarOf(t,
+			dirE("f", 0o755),
+			dirE("f/g", 0o755),
+			symE("d", "f/g"),
+			symE("s", "d/../e"),
+			symE("a", "/s"),
+			fileE("a/b/x", "x", 0o644),
+			dirE("f/e", 0o755),
+			dirE("zzz", 0o755),
+			symE("f/e/b", "/zzz"),
+			fileE("a/b/y", "y", 0o644),
+		)},
+		// Same, seen by the last pass of directory times.
+		{name: "kernel-dotdot-dir-times", fallback: ReasonSymlink, layer: tarOf(t,
+			dirE("f", 0o755),
+			dirE("f/g", 0o755),
+			symE("d", "f/g"),
+			symE("s", "d/../e"),
+			symE("a", "/s"),
+			dirE("a/b", 0o755, mtime(t1999)),
+			dirE("f/e", 0o755),
+			fileE("zzz/keep", "k", 0o644),
+			symE("f/e/b", "/zzz"),
+		)},
+		// RootPath's lstat of "/s/fs/L" (s -> "..") reads the root's parent: the snapshot
+		// directory (whose "fs" is the root itself) or, in bind mode, whatever is next to
+		// containerd's temporary mount.
+		{name: "parent-of-root", fallback: ReasonSymlink, layer: tarOf(t,
+			dirE("target", 0o755),
+			symE("L", "/target"),
+			symE("s", ".."),
+			symE("a", "/s"),
+			fileE("a/fs/L/x", "x", 0o644),
+		)},
+		// RootPath's lstat of "/s/hostlink" reads the canary's symlink next to the roots, and
+		// containerd creates a directory named after its target inside the layer (through
+		// the host's /proc: the applying process's pid). Read-only, but host information in
+		// the tree: refused.
+		{name: "host-symlink-leak", fallback: ReasonSymlink, layer: tarOf(t,
+			symE("s", "../../canary"),
+			symE("a", "/s"),
+			fileE("a/hostlink/x", "x", 0o644),
+		), validate: func(root string) error {
+			// What containerd's applier (the fallback) wrote depends on what is next to
+			// the tree it applies to: the canary's link target next to an upperdir,
+			// nothing next to a bind mode's temporary mount.
+			_, err := os.Lstat(filepath.Join(root, "canary", canaryLinkTarget, "x"))
+			if errors.Is(err, os.ErrNotExist) {
+				_, err = os.Lstat(filepath.Join(root, "canary", "hostlink", "x"))
+			}
+			return err
+		}},
+		{name: "host-symlink-leak-proc", fallback: ReasonSymlink, layer: tarOf(t,
+			symE("s", "../../../../../../../../../../../../proc"),
+			symE("a", "/s"),
+			fileE("a/self/x", "x", 0o644),
+		)},
+		// "l/" resolves to /P having found /P/a missing; a symlink created there (no
+		// removal) makes it resolve to "/": that resolution must not be cached.
+		{name: "missing-then-created", layer: tarOf(t,
+			dirE("P", 0o755),
+			symE("P/x", "/P/a/b"),
+			symE("l", "P/x/../.."),
+			fileE("l/f1", "1", 0o644),
+			symE("P/a", "/Q"),
+			fileE("l/f2", "2", 0o644),
+		)},
+		// "l/" walks past a regular file ("f/.."); replacing a file does not empty the cache,
+		// so that resolution must not be cached either.
+		{name: "file-walked-past", layer: tarOf(t,
+			fileE("f", "f", 0o644),
+			dirE("d", 0o755),
+			dirE("Q", 0o755),
+			dirE("Q/d", 0o755),
+			symE("l", "f/../d"),
+			fileE("l/x", "x", 0o644),
+			symE("f", "Q/R"),
+			fileE("l/y", "y", 0o644),
+		)},
 	}
 }
 
@@ -371,5 +499,49 @@ func TestDifferentialGenerated(t *testing.T) {
 				return d
 			}}, m)
 		})
+	}
+}
+
+// TestSymlinkedParentsCached: files under ordinary symlinked directories (lib -> usr/lib,
+// lib64 -> lib, var/run -> /run, bin -> usr/bin before usr/bin exists) are applied without
+// fallback and their parents resolved once, not once per file; refusing a link whose directory
+// part holds a symlink does not touch them.
+func TestSymlinkedParentsCached(t *testing.T) {
+	requireRoot(t)
+	ents := []ent{
+		dirE("usr", 0o755), dirE("usr/lib", 0o755), dirE("run", 0o755), dirE("var", 0o755),
+		symE("lib", "usr/lib"), symE("lib64", "lib"), symE("var/run", "/run"), symE("bin", "usr/bin"),
+		dirE("lib/pkg", 0o755),
+	}
+	parents := []string{"lib/pkg/", "lib/", "lib64/", "var/run/", "bin/", "lib/pkg/sub/"}
+	for i := 0; i < 100; i++ {
+		for _, p := range parents {
+			ents = append(ents, fileE(p+"f"+strconv.Itoa(i), "x", 0o644))
+		}
+		if i == 50 {
+			ents = append(ents, dirE("lib/pkg/sub", 0o700)) // a directory under a symlinked parent, mid-way
+		}
+	}
+	root := t.TempDir()
+	fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	x := newExtractor(zaptest.NewLogger(t), fd, true, nil)
+	err = x.apply(t.Context(), tar.NewReader(bytes.NewReader(tarOf(t, ents...))))
+	x.close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One resolution per parent name, plus the root's (""): the directories under symlinked
+	// parents are not cached by their creation but by their first child's resolution.
+	if x.misses > len(parents)+1 {
+		t.Errorf("%d parent resolutions for %d files under %d parents", x.misses, 100*len(parents), len(parents))
+	}
+	for _, p := range []string{"usr/lib/pkg/f99", "usr/lib/f99", "run/f99", "usr/bin/f99", "usr/lib/pkg/sub/f99"} {
+		if _, err := os.Lstat(filepath.Join(root, p)); err != nil {
+			t.Error(err)
+		}
 	}
 }

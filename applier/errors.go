@@ -28,6 +28,10 @@ const (
 	// ReasonEntry: a tar entry type the applier does not handle, found mid-layer; what was
 	// written has been removed.
 	ReasonEntry Reason = "entry-type"
+	// ReasonSymlink: a name is resolved through a symlink that containerd's RootPath would have
+	// the kernel follow physically (a link's target holding another link, a "d/.." past a
+	// link, a climb out of the root), found mid-layer; what was written has been removed.
+	ReasonSymlink Reason = "symlink"
 	// ReasonConfig: the user chose containerd's applier (--applier containerd).
 	ReasonConfig Reason = "config"
 	// ReasonHost: the host does not allow the fast path (not root, missing capabilities, user
@@ -66,5 +70,5 @@ func ReasonOf(err error) Reason {
 
 // Reasons lists every Reason, for metrics that name them.
 func Reasons() []Reason {
-	return []Reason{ReasonMount, ReasonOption, ReasonMediaType, ReasonTarget, ReasonEntry, ReasonHost, ReasonConfig}
+	return []Reason{ReasonMount, ReasonOption, ReasonMediaType, ReasonTarget, ReasonEntry, ReasonSymlink, ReasonHost, ReasonConfig}
 }

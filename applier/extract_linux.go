@@ -42,10 +42,13 @@ type extractor struct {
 
 	// dirs maps an entry's parent as written in the archive ("usr/lib/") to an fd of the
 	// directory it resolved to. Any removal of a directory or symlink, anywhere, can change what
-	// a name resolves to, so it empties the cache (gen counts those events).
-	dirs  *dirCache
-	gen   uint64
-	owned int // the current entry's parent fd when the cache does not hold it, else -1
+	// a name resolves to, so it empties the cache (gen counts those events). Only resolutions
+	// nothing but such a removal can change are kept (resolver.stable); the others are held in
+	// owned for the one entry that asked.
+	dirs   *dirCache
+	gen    uint64
+	owned  int // the current entry's parent fd when the cache does not hold it, else -1
+	misses int // parents resolved (tests)
 
 	unpacked   map[string]struct{} // resolved paths written by this layer (bind-mode opaque dirs)
 	opaqueDirs map[string]struct{}
@@ -136,7 +139,7 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 	if base == "" || base == "." || base == ".." {
 		return nil
 	}
-	pfd, ppath, err := x.parent(ppathName)
+	pfd, ppath, direct, err := x.parent(ppathName)
 	if err != nil {
 		return err
 	}
@@ -161,12 +164,12 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 			return err
 		}
 	}
-	err = x.create(hdr, tr, pfd, ppath, base)
+	err = x.create(hdr, tr, pfd, ppath, base, direct)
 	if errors.Is(err, errExists) {
 		if err := x.removeExisting(hdr, pfd, ppathName, base); err != nil {
 			return err
 		}
-		err = x.create(hdr, tr, pfd, ppath, base)
+		err = x.create(hdr, tr, pfd, ppath, base, direct)
 	}
 	if err != nil {
 		return err
@@ -220,25 +223,35 @@ func (x *extractor) removeExisting(hdr *tar.Header, pfd int, ppathName, base str
 
 // parent resolves an entry's directory as containerd's fs.RootPath would and opens it, creating
 // the missing directories as containerd's mkparent does (copying a lowerdir's metadata). The
-// returned fd belongs to the cache.
-func (x *extractor) parent(ppathName string) (int, string, error) {
+// returned fd belongs to the cache, or to x.owned when the resolution could change without a
+// removal. direct says no symlink was followed.
+func (x *extractor) parent(ppathName string) (fd int, ppath string, direct bool, err error) {
 	if e := x.dirs.get(ppathName); e != nil {
-		return e.fd, e.path, nil
+		return e.fd, e.path, e.direct, nil
 	}
-	ppath, err := rootPath(x.root, ppathName)
+	x.misses++
+	r := resolver{fd: x.root}
+	ppath, err = r.resolve(ppathName)
 	if err != nil {
-		return -1, "", fmt.Errorf("failed to get root path: %w", err)
+		return -1, "", false, fmt.Errorf("failed to get root path: %w", err)
 	}
+	direct = r.direct()
 	if ppath == "/" {
-		x.dirs.put(ppathName, &dirEntry{fd: x.root, path: "/", borrowed: true})
-		return x.root, "/", nil
+		if r.stable(ppath) {
+			x.dirs.put(ppathName, &dirEntry{fd: x.root, path: "/", borrowed: true, direct: direct})
+		}
+		return x.root, "/", direct, nil
 	}
-	fd, err := x.mkparent(ppath)
+	fd, err = x.mkparent(ppath)
 	if err != nil {
-		return -1, "", err
+		return -1, "", false, err
 	}
-	x.dirs.put(ppathName, &dirEntry{fd: fd, path: ppath})
-	return fd, ppath, nil
+	if r.stable(ppath) {
+		x.dirs.put(ppathName, &dirEntry{fd: fd, path: ppath, direct: direct})
+	} else {
+		x.owned = fd
+	}
+	return fd, ppath, direct, nil
 }
 
 // mkparent opens the resolved directory p, creating missing components with mode 0755 and, when
@@ -437,8 +450,10 @@ func (x *extractor) removeNotUnpacked(dfd int, dpath string) error {
 }
 
 // create is containerd's createTarFile: the object, then owner, xattrs, mode and times, in that
-// order (chown clears setuid/setgid and security.capability, so they come after it).
-func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base string) error {
+// order (chown clears setuid/setgid and security.capability, so they come after it). direct
+// says the parent was resolved without following a symlink: a directory created in it is then
+// what its own name resolves to, and is cached for its children.
+func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base string, direct bool) error {
 	path := filepath.Join(ppath, base)
 	mode := uint32(hdr.Mode & 0o7777)
 	times := [2]unix.Timespec{
@@ -447,7 +462,7 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 	}
 	var fd = -1 // an open fd on the object when it is a file or directory
 	defer func() {
-		if fd >= 0 && hdr.Typeflag != tar.TypeDir {
+		if fd >= 0 {
 			unix.Close(fd)
 		}
 	}()
@@ -466,8 +481,6 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 			return fmt.Errorf("open %s: %w", path, err)
 		}
 		fd = dfd
-		// Its children resolve through it: keep it (the cache closes it).
-		x.dirs.put(hdr.Name+"/", &dirEntry{fd: fd, path: path})
 
 	case tar.TypeReg, tar.TypeRegA: //nolint:staticcheck // containerd handles TypeRegA too
 		ffd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
@@ -584,6 +597,12 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		// again, on what its name resolves to then, which need not be this directory.
 		if err := futimens(fd, times); err != nil {
 			return fmt.Errorf("failed call to UtimesNanoAt for %s: %w", path, err)
+		}
+		if hdr.Typeflag == tar.TypeDir && direct {
+			// Its name resolves to it (its parent's name did without a symlink) until
+			// a removal: its children find it in the cache, which closes it.
+			x.dirs.put(hdr.Name+"/", &dirEntry{fd: fd, path: path, direct: true})
+			fd = -1
 		}
 		return nil
 	}
@@ -829,6 +848,7 @@ type dirEntry struct {
 	fd       int
 	path     string // what the key resolved to ("/a/b"), for opaque-dir bookkeeping
 	borrowed bool   // the root fd: not the cache's to close
+	direct   bool   // resolved without following a symlink
 }
 
 func newDirCache(max int) *dirCache {

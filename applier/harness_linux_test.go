@@ -561,4 +561,10 @@ func mustCanary(t testing.TB, dir string) {
 			t.Fatal(err)
 		}
 	}
+	// A host symlink whose target a lookup that leaves the root would read (as /proc/self's).
+	if err := os.Symlink(canaryLinkTarget, filepath.Join(dir, "hostlink")); err != nil {
+		t.Fatal(err)
+	}
 }
+
+const canaryLinkTarget = "host-only-name"

@@ -3,6 +3,7 @@ package applier
 import (
 	"errors"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -14,24 +15,50 @@ import (
 // it were a plain directory. It is ported line for line, with lstat and readlink made relative to
 // a held directory fd; its result is only ever opened with RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS, so
 // a symlink swapped in behind its back makes the open fail instead of leaving the root.
+//
+// One thing it does not reproduce, and refuses instead: RootPath lstat()s half-resolved paths
+// ("/s/b" after reading a link's raw target "/s"), and the kernel follows any symlink left in
+// such a path's directory part physically: "d/.." goes to d's real parent, an absolute target
+// starts at the host's "/", and ".." climbs out of the root (containerd's result then depends on
+// what is outside: the snapshot directory, a bind mode's temporary mount, the host's /proc). So
+// a path whose directory part was not itself walked by this resolution is looked up with
+// openat2(RESOLVE_NO_SYMLINKS), and a symlink in it is ErrUnsupported (ReasonSymlink): the layer
+// goes to containerd's applier. Ordinary links (lib -> usr/lib, var/run -> /run) point at real
+// directories and are resolved here exactly.
 
 var errTooManyLinks = errors.New("too many links")
+
+// resolver is one RootPath call, with what it saw: whether its answer can be cached (see
+// stable).
+type resolver struct {
+	fd    int
+	links int
+	// missing lists the paths lstat found missing, other is set when it found something that is
+	// neither a directory nor a symlink: the observations a later creation or a file's removal
+	// (neither of which empties the cache) could change.
+	missing []string
+	other   bool
+}
 
 // rootPath returns path resolved inside the tree at fd, as a cleaned absolute path ("/" is the
 // tree's root).
 func rootPath(fd int, path string) (string, error) {
+	r := resolver{fd: fd}
+	return r.resolve(path)
+}
+
+func (r *resolver) resolve(path string) (string, error) {
 	if path == "" {
 		return "/", nil
 	}
-	var linksWalked int // to protect against cycles
 	for {
-		i := linksWalked
-		newpath, err := walkLinks(fd, path, &linksWalked)
+		i := r.links
+		newpath, _, err := r.walkLinks(path)
 		if err != nil {
 			return "", err
 		}
 		path = newpath
-		if i == linksWalked {
+		if i == r.links {
 			newpath = filepath.Join("/", newpath)
 			if path == newpath {
 				return newpath, nil
@@ -41,8 +68,34 @@ func rootPath(fd int, path string) (string, error) {
 	}
 }
 
-func walkLink(fd int, path string, linksWalked *int) (newpath string, islink bool, err error) {
-	if *linksWalked > 255 {
+// direct says the resolution followed no symlink: its answer is the cleaned name, every
+// component of which it found to be a directory (or missing, and then created by mkparent).
+func (r *resolver) direct() bool { return r.links == 0 }
+
+// stable says the answer p stays what RootPath would answer until a directory or symlink is
+// removed (which empties the cache), once mkparent has created p. Everything the walk found
+// present (directories, symlinks) stays as it is until such a removal; what it found missing can
+// be created by any later entry, which is harmless only for p's own components (mkparent makes
+// them directories, which the walk treats as it treated their absence). A missing "/P/a" seen
+// on the way to "/P" (a link to "/P/a/b" then "..") is not, nor is a file a "f/.." walked past
+// (removing a file does not empty the cache).
+func (r *resolver) stable(p string) bool {
+	if r.other {
+		return false
+	}
+	for _, m := range r.missing {
+		if m != p && !strings.HasPrefix(p, m+"/") {
+			return false
+		}
+	}
+	return true
+}
+
+// walkLink lstats path (made absolute and clean). walked says every proper prefix of it was
+// looked at by this walk and none is a symlink, so the kernel's lookup of path is the lexical
+// one; otherwise its directory part is checked for symlinks first.
+func (r *resolver) walkLink(path string, walked bool) (newpath string, islink bool, err error) {
+	if r.links > 255 {
 		return "", false, errTooManyLinks
 	}
 	path = filepath.Join("/", path)
@@ -50,54 +103,92 @@ func walkLink(fd int, path string, linksWalked *int) (newpath string, islink boo
 		return path, false, nil
 	}
 	var st unix.Stat_t
-	if err := unix.Fstatat(fd, path[1:], &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	var lfd = -1
+	if walked {
+		err = unix.Fstatat(r.fd, path[1:], &st, unix.AT_SYMLINK_NOFOLLOW)
+	} else {
+		lfd, err = r.openNoSymlinks(path)
+		if err == nil {
+			err = unix.Fstat(lfd, &st)
+			if err != nil {
+				unix.Close(lfd)
+			}
+		}
+	}
+	if err != nil {
 		// If path does not yet exist, treat as non-symlink
 		if errors.Is(err, unix.ENOENT) {
+			r.missing = append(r.missing, path)
 			return path, false, nil
 		}
 		return "", false, err
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFLNK {
+		if lfd >= 0 {
+			unix.Close(lfd)
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			r.other = true
+		}
 		return path, false, nil
 	}
-	newpath, err = readlinkat(fd, path[1:])
+	if lfd >= 0 {
+		newpath, err = readlinkat(lfd, "")
+		unix.Close(lfd)
+	} else {
+		newpath, err = readlinkat(r.fd, path[1:])
+	}
 	if err != nil {
 		return "", false, err
 	}
-	*linksWalked++
+	r.links++
 	return newpath, true, nil
 }
 
-func walkLinks(fd int, path string, linksWalked *int) (string, error) {
+// openNoSymlinks opens path itself (O_PATH, a trailing symlink not followed) when no component
+// of its directory part is a symlink, and says ErrUnsupported when one is: the lookup containerd
+// would make there follows it physically.
+func (r *resolver) openNoSymlinks(path string) (int, error) {
+	fd, err := openInRoot(r.fd, path, unix.O_PATH|unix.O_NOFOLLOW)
+	if err == unix.ELOOP || err == unix.EXDEV {
+		return -1, unsupported(ReasonSymlink, "%q is looked up through a symlink, which containerd's RootPath would follow outside its lexical resolution", path)
+	}
+	return fd, err
+}
+
+// walkLinks is continuity's walkLinks; walked says the returned path is a real one: every
+// component of it was looked at by this walk and none is a symlink.
+func (r *resolver) walkLinks(path string) (string, bool, error) {
 	switch dir, file := filepath.Split(path); {
 	case dir == "":
-		newpath, _, err := walkLink(fd, file, linksWalked)
-		return newpath, err
+		newpath, islink, err := r.walkLink(file, true)
+		return newpath, !islink, err
 	case file == "":
 		if dir[len(dir)-1] == '/' {
 			if dir == "/" {
-				return dir, nil
+				return dir, true, nil
 			}
-			return walkLinks(fd, dir[:len(dir)-1], linksWalked)
+			return r.walkLinks(dir[:len(dir)-1])
 		}
-		newpath, _, err := walkLink(fd, dir, linksWalked)
-		return newpath, err
+		newpath, islink, err := r.walkLink(dir, false)
+		return newpath, !islink, err
 	default:
-		newdir, err := walkLinks(fd, dir, linksWalked)
+		newdir, walked, err := r.walkLinks(dir)
 		if err != nil {
-			return "", err
+			return "", false, err
 		}
-		newpath, islink, err := walkLink(fd, filepath.Join(newdir, file), linksWalked)
+		newpath, islink, err := r.walkLink(filepath.Join(newdir, file), walked)
 		if err != nil {
-			return "", err
+			return "", false, err
 		}
 		if !islink {
-			return newpath, nil
+			// Either walked, or its directory part was just checked for symlinks.
+			return newpath, true, nil
 		}
 		if filepath.IsAbs(newpath) {
-			return newpath, nil
+			return newpath, false, nil
 		}
-		return filepath.Join(newdir, newpath), nil
+		return filepath.Join(newdir, newpath), false, nil
 	}
 }
 
