@@ -54,6 +54,8 @@ type extractor struct {
 	opaqueDirs map[string]struct{}
 	dirTimes   []dirTime
 	rootOpaque bool // this Apply set trusted.overlay.opaque on the root itself
+	// linkTimesReset: the entry was a hard link to a symlink, whose times it set.
+	linkTimesReset bool
 
 	buf  *chunk                  // file data on its way from the tar stream to write(2), from chunkPool
 	hook func(*tar.Header) error // tests only
@@ -173,6 +175,13 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 	}
 	if err != nil {
 		return err
+	}
+	if x.linkTimesReset {
+		// A hard link to a symlink set that symlink's times: reading it updates its atime
+		// again (relatime), which containerd does on every entry's way through it. Resolve
+		// afresh, as it does.
+		x.linkTimesReset = false
+		x.invalidate()
 	}
 	if hdr.Typeflag == tar.TypeDir {
 		x.dirTimes = append(x.dirTimes, dirTime{
@@ -521,6 +530,7 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 			return err
 		}
 		isSymlink = st.Mode&unix.S_IFMT == unix.S_IFLNK
+		x.linkTimesReset = isSymlink
 
 	case tar.TypeSymlink:
 		if err := unix.Symlinkat(hdr.Linkname, pfd, base); err != nil {
