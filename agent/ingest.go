@@ -57,6 +57,26 @@ type ingest struct {
 	closeOnce sync.Once
 }
 
+// openWriter is content.OpenWriter without its endless retry when containerd
+// is gone: containerd answers Unavailable both for a ref another writer holds
+// (worth waiting for, as OpenWriter does) and when it cannot be reached, which
+// OpenWriter would retry until the pull's context ends.
+func openWriter(ctx context.Context, cs content.Ingester, opts ...content.WriterOpt) (content.Writer, error) {
+	wait := 16 * time.Millisecond
+	for {
+		w, err := cs.Writer(ctx, opts...)
+		if err == nil || !errdefs.IsUnavailable(err) || !strings.Contains(err.Error(), " locked for ") {
+			return w, err
+		}
+		select {
+		case <-time.After(wait):
+			wait = min(2*wait, 2*time.Second)
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
 // defaultFileIngestMax bounds the kept blobs streamed into an ingest's data
 // file while pods run. containerd resumes that ingest inside its metadata
 // store's write transaction, hashing the whole file there (~0.4-1.4 s for
@@ -109,7 +129,7 @@ func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.R
 	}
 	if b.dst == nil {
 		ref := remotes.MakeRefKey(ctx, desc)
-		w, err := content.OpenWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
+		w, err := openWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
 		if err != nil {
 			return nil, fmt.Errorf("open content writer: %w", err)
 		}
@@ -141,7 +161,7 @@ func openIngestFile(ctx context.Context, cs content.Store, contentDir string, de
 		return "", nil, err
 	}
 	ref := remotes.MakeRefKey(ctx, desc) + "-prepull-" + uniquePart()
-	w, err := content.OpenWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
+	w, err := openWriter(ctx, cs, content.WithRef(ref), content.WithDescriptor(desc))
 	if err != nil {
 		return "", nil, fmt.Errorf("open content writer: %w", err)
 	}
@@ -301,7 +321,7 @@ func (b *ingest) commit(ctx context.Context, ref string) error {
 		// containerd resumes the ingest from its data file: it reads and
 		// hashes what prepull wrote.
 		var err error
-		w, err = content.OpenWriter(ctx, b.cs, content.WithRef(b.ref), content.WithDescriptor(b.desc))
+		w, err = openWriter(ctx, b.cs, content.WithRef(b.ref), content.WithDescriptor(b.desc))
 		if errdefs.IsAlreadyExists(err) {
 			_ = b.cs.Abort(b.ctx, b.ref)
 			return b.label(ctx, ref)

@@ -318,17 +318,6 @@ func (s *layerStream) fetchAhead(ctx context.Context, desc ocispec.Descriptor) {
 // through the content API, whose gRPC stream costs containerd CPU and
 // prepull buffers.
 func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) error {
-	label := func() error {
-		s.labelSource(ctx, desc)
-		return nil
-	}
-	if s.pc.contentDir == "" {
-		// As containerd's fetch: a blob already there is labelled too.
-		if err := remotes.Fetch(ctx, s.cs, s.fetcher, desc); err != nil && !errdefs.IsAlreadyExists(err) {
-			return err
-		}
-		return label()
-	}
 	rc, err := s.fetcher.Fetch(ctx, desc)
 	if err != nil {
 		return err
@@ -337,7 +326,9 @@ func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) er
 	if err != nil {
 		rc.Close()
 		if errdefs.IsAlreadyExists(err) {
-			return label()
+			// As containerd's fetch: a blob already there is labelled too.
+			s.labelSource(ctx, desc)
+			return nil
 		}
 		return err
 	}

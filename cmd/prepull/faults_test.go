@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -785,7 +786,8 @@ func TestFaultContainerdKilledMidPull(t *testing.T) {
 	select {
 	case c = <-done:
 	case <-time.After(2 * time.Minute):
-		t.Fatal("prepull did not return after containerd was killed")
+		buf := make([]byte, 1<<20)
+		t.Fatalf("prepull did not return after containerd was killed; goroutines:\n%s", buf[:runtime.Stack(buf, true)])
 	}
 	if c.code == 0 {
 		t.Fatalf("pull succeeded although containerd was killed:\n%s", c.stderr)
