@@ -18,9 +18,6 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
-	"go.uber.org/zap"
-	"google.golang.org/grpc"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
 // ingest passes a blob through to its reader and writes it to the content
@@ -90,25 +87,6 @@ const defaultFileIngestMax = 64 << 20
 // wait holds up only prepull), else only up to fileIngestMax.
 func (a *Agent) ingestToFile(size int64) bool {
 	return !a.podsRunning.Load() || size <= a.fileIngestMax
-}
-
-// runsPods asks the CRI whether any pod sandbox is ready; true when it
-// cannot tell.
-func (a *Agent) runsPods(ctx context.Context) bool {
-	conn, ok := a.client.Conn().(*grpc.ClientConn)
-	if !ok {
-		return true
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	resp, err := runtimeapi.NewRuntimeServiceClient(conn).ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{
-		Filter: &runtimeapi.PodSandboxFilter{State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY}},
-	})
-	if err != nil {
-		a.log.Debug("cannot tell whether pods run: big kept blobs go through the content API", zap.Error(err))
-		return true
-	}
-	return len(resp.GetItems()) > 0
 }
 
 // newIngest streams rc to its reader and into the content store. unlock runs

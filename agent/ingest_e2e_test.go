@@ -295,22 +295,7 @@ func TestStreamBlobCommittedMeanwhile(t *testing.T) {
 	}
 	for i, how := range []string{"while waiting for the blob lock", "during the request", "before the stream, outside its lease"} {
 		t.Run(how, func(t *testing.T) {
-			l, err := harness.Layer(harness.RandomFiles("/r", 2, 4096, uint64(4242+i)), true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			rc, err := l.Compressed()
-			if err != nil {
-				t.Fatal(err)
-			}
-			blob, err := io.ReadAll(rc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			dg, _ := l.Digest()
-			did, _ := l.DiffID()
-			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.Digest(dg.String()), Size: int64(len(blob))}
-			diffID := digest.Digest(did.String())
+			blob, desc, diffID := gzipLayer(t, harness.RandomFiles("/r", 2, 4096, uint64(4242+i)))
 			other := func() error {
 				return content.WriteBlob(ctx, cs, "other-puller-"+desc.Digest.Encoded(), bytes.NewReader(blob), desc)
 			}
@@ -389,6 +374,28 @@ func TestStreamBlobCommittedMeanwhile(t *testing.T) {
 	}
 }
 
+// gzipLayer builds a gzip layer of files and returns its blob, descriptor
+// and diffID.
+func gzipLayer(t *testing.T, files []harness.File) ([]byte, ocispec.Descriptor, digest.Digest) {
+	t.Helper()
+	l, err := harness.Layer(files, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := l.Compressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dg, _ := l.Digest()
+	did, _ := l.DiffID()
+	desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.Digest(dg.String()), Size: int64(len(blob))}
+	return blob, desc, digest.Digest(did.String())
+}
+
 // waitFor polls cond until it holds, failing the test after limit.
 func waitFor(t *testing.T, limit time.Duration, cond func() bool) {
 	t.Helper()
@@ -424,22 +431,7 @@ func TestBigKeptBlobsAvoidTheMetadataLockWhilePodsRun(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a.podsRunning.Store(tc.pods)
-			l, err := harness.Layer(harness.RandomFiles("/k", 2, tc.size/2, uint64(5150+i)), true)
-			if err != nil {
-				t.Fatal(err)
-			}
-			rc, err := l.Compressed()
-			if err != nil {
-				t.Fatal(err)
-			}
-			blob, err := io.ReadAll(rc)
-			if err != nil {
-				t.Fatal(err)
-			}
-			dg, _ := l.Digest()
-			did, _ := l.DiffID()
-			desc := ocispec.Descriptor{MediaType: ocispec.MediaTypeImageLayerGzip, Digest: digest.Digest(dg.String()), Size: int64(len(blob))}
-			diffID := digest.Digest(did.String())
+			blob, desc, diffID := gzipLayer(t, harness.RandomFiles("/k", 2, tc.size/2, uint64(5150+i)))
 			var refs []string
 			f := fetcherFunc(func(ctx context.Context, d ocispec.Descriptor) (io.ReadCloser, error) {
 				return io.NopCloser(&atEOF{r: bytes.NewReader(blob), fn: func() {

@@ -473,9 +473,9 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 			return nil, err
 		}
 		unlock := sync.OnceFunc(func() { s.a.locker.Unlock(blobKey) })
-		if s.present(ctx, desc) {
+		if s.stored(ctx, desc) {
 			// Committed by whoever held the lock (another image's fetch
-			// ahead): read it from the store.
+			// ahead): read it from the store. (present leased it above.)
 			ra, err := s.cs.ReaderAt(ctx, desc)
 			if err != nil {
 				unlock()
@@ -536,6 +536,12 @@ func (s *layerStream) present(ctx context.Context, desc ocispec.Descriptor) bool
 			s.log.Debug("lease content", zap.Stringer("digest", desc.Digest), zap.Error(err))
 		}
 	}
+	return s.stored(ctx, desc)
+}
+
+// stored says whether desc's blob is in the content store, labelling one it
+// finds as present does.
+func (s *layerStream) stored(ctx context.Context, desc ocispec.Descriptor) bool {
 	if _, err := s.cs.Info(ctx, desc.Digest); err != nil {
 		return false
 	}
