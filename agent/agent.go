@@ -70,14 +70,6 @@ type Agent struct {
 	fallbackUntil time.Time
 	discard       bool
 	imageFS       string // the snapshotter's root, for syncfs
-
-	// podsRunning: when the run started, the CRI ran pods (or could not
-	// say): kubelet works through containerd's metadata store. See
-	// ingestToFile.
-	podsRunning atomic.Bool
-	// fileIngestMax is the largest kept blob streamed into an ingest's data
-	// file while pods run (tests lower it).
-	fileIngestMax int64
 }
 
 // Connect dials containerd at address and checks that it answers. Failure
@@ -110,8 +102,7 @@ func New(client *containerd.Client, log *zap.Logger, opts ...Option) (*Agent, er
 	if err != nil {
 		return nil, err
 	}
-	a := &Agent{client: client, log: log.Named("agent"), opts: set, locker: newKeyedMutex(), inflight: map[string]*pullState{},
-		fileIngestMax: defaultFileIngestMax}
+	a := &Agent{client: client, log: log.Named("agent"), opts: set, locker: newKeyedMutex(), inflight: map[string]*pullState{}}
 	if set.downloadLimit > 0 {
 		a.downloads = semaphore.NewWeighted(int64(set.downloadLimit))
 	}
@@ -171,7 +162,6 @@ func (a *Agent) ctx(ctx context.Context) context.Context {
 func (a *Agent) Pull(ctx context.Context, imgs []manifest.Image) []Result {
 	ctx = a.ctx(ctx)
 	sn := a.Snapshotter(ctx)
-	a.podsRunning.Store(a.runsPods(ctx))
 	results := make([]Result, len(imgs))
 	sem := semaphore.NewWeighted(int64(a.opts.concurrency))
 	var wg sync.WaitGroup

@@ -7,9 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-	"time"
 
-	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
@@ -93,23 +91,4 @@ func DetectCRI(ctx context.Context, conn *grpc.ClientConn) (CRIInfo, error) {
 		break
 	}
 	return info, errors.Join(errs...)
-}
-
-// runsPods asks the CRI whether any pod sandbox is ready; true when it
-// cannot tell.
-func (a *Agent) runsPods(ctx context.Context) bool {
-	conn, ok := a.client.Conn().(*grpc.ClientConn)
-	if !ok {
-		return true
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	resp, err := runtimeapi.NewRuntimeServiceClient(conn).ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{
-		Filter: &runtimeapi.PodSandboxFilter{State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY}},
-	})
-	if err != nil {
-		a.log.Debug("cannot tell whether pods run: big kept blobs go through the content API", zap.Error(err))
-		return true
-	}
-	return len(resp.GetItems()) > 0
 }

@@ -7,8 +7,10 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,6 +24,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/prepull/prepull/internal/harness"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 )
 
@@ -29,9 +32,10 @@ import (
 // content store the way a streamed layer does: into the data file of the
 // ingest containerd opened (the content store's directory on this host),
 // or through the content API where that directory is not known. Both
-// commit the exact blob with the distribution-source label; a byte changed
-// in the data file before the commit is refused by containerd's own digest
-// check and nothing is committed or left behind.
+// commit the exact blob with the distribution-source label; a blob whose
+// bytes do not match its digest (a byte changed on the way) is refused and
+// nothing is committed or left behind. Into the data file, the commit links
+// the file prepull wrote (containerd does not hash it again).
 func TestIngestIntoContentDir(t *testing.T) {
 	t.Parallel()
 	_, ctx, cs, dir := contentStoreUnderLease(t)
@@ -43,11 +47,17 @@ func TestIngestIntoContentDir(t *testing.T) {
 	}{
 		{name: "data file", contentDir: dir, wantFile: true},
 		{name: "content API", contentDir: t.TempDir()},
-		{name: "data file changed before the commit", contentDir: dir, wantFile: true, tamper: true},
+		{name: "data file, a byte changed on the way", contentDir: dir, wantFile: true, tamper: true},
+		{name: "content API, a byte changed on the way", contentDir: t.TempDir(), tamper: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			blob, desc := randomLayerBlob(3<<20+17, uint64(i), 77)
-			b, err := newIngest(ctx, cs, tc.contentDir, io.NopCloser(bytes.NewReader(blob)), desc, func() {})
+			sent := blob
+			if tc.tamper {
+				sent = bytes.Clone(blob)
+				sent[1000] ^= 0xff
+			}
+			b, err := newIngest(ctx, cs, tc.contentDir, io.NopCloser(bytes.NewReader(sent)), desc, false, func() {})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -57,21 +67,21 @@ func TestIngestIntoContentDir(t *testing.T) {
 			if n, err := io.CopyBuffer(io.Discard, b, make([]byte, 100_000)); err != nil || n != desc.Size {
 				t.Fatalf("read %d bytes, %v", n, err)
 			}
-			if tc.tamper {
-				b.Close()
-				f, err := os.OpenFile(b.file.Name(), os.O_WRONLY, 0)
+			var dataIno uint64
+			if b.file != nil {
+				fi, err := b.file.Stat()
 				if err != nil {
 					t.Fatal(err)
 				}
-				if _, err := f.WriteAt([]byte{blob[1000] ^ 0xff}, 1000); err != nil {
-					t.Fatal(err)
-				}
-				f.Close()
+				dataIno = fi.Sys().(*syscall.Stat_t).Ino
 			}
 			err = b.commit(ctx, "registry.example/team/app:1")
 			if tc.tamper {
-				if err == nil || !strings.Contains(err.Error(), "unexpected commit digest") {
-					t.Fatalf("commit of a changed data file: %v, want containerd's digest error", err)
+				if !errdefs.IsFailedPrecondition(err) || !strings.Contains(err.Error(), "digest") {
+					t.Fatalf("commit of a changed blob: %v, want a digest error", err)
+				}
+				if _, err := os.Stat(filepath.Join(dir, "blobs", "sha256", desc.Digest.Encoded())); !os.IsNotExist(err) {
+					t.Errorf("changed blob placed in the store: %v", err)
 				}
 				b.abort()
 				if _, err := cs.Info(ctx, desc.Digest); !errdefs.IsNotFound(err) {
@@ -101,6 +111,30 @@ func TestIngestIntoContentDir(t *testing.T) {
 			}
 			if info.Labels["containerd.io/distribution.source.registry.example"] != "team/app" {
 				t.Errorf("labels %v, want the distribution source", info.Labels)
+			}
+			if b.linked != tc.wantFile {
+				t.Errorf("committed by linking the data file: %v, want %v", b.linked, tc.wantFile)
+			}
+			if tc.wantFile {
+				// The blob is the file prepull wrote, read-only as containerd leaves its blobs,
+				// and the ingest is gone.
+				fi, err := os.Stat(filepath.Join(dir, "blobs", "sha256", desc.Digest.Encoded()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ino := fi.Sys().(*syscall.Stat_t).Ino; ino != dataIno || fi.Mode().Perm()&0o222 != 0 || fi.Sys().(*syscall.Stat_t).Nlink != 1 {
+					t.Errorf("blob inode %d mode %v links %d, want the data file's inode %d, read-only, one link",
+						ino, fi.Mode(), fi.Sys().(*syscall.Stat_t).Nlink, dataIno)
+				}
+				sts, err := cs.ListStatuses(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, st := range sts {
+					if strings.HasPrefix(st.Ref, b.ref) {
+						t.Errorf("ingest %s left behind", st.Ref)
+					}
+				}
 			}
 		})
 	}
@@ -406,55 +440,64 @@ func waitFor(t *testing.T, limit time.Duration, cond func() bool) {
 	}
 }
 
-// TestBigKeptBlobsAvoidTheMetadataLockWhilePodsRun: containerd hashes a
-// data-file ingest again inside its metadata store's write transaction, so
-// while pods run a kept blob above fileIngestMax streams through the content
-// API instead; with no pod (an AMI being baked) every size takes the data
-// file. The harness CRI runs no pod.
-func TestBigKeptBlobsAvoidTheMetadataLockWhilePodsRun(t *testing.T) {
+// TestIngestIsolatedContentStore: where containerd does not share content
+// across namespaces, a writer opened with the digest of a blob placed in
+// its store does not take it as it is; the commit then resumes the ingest
+// (containerd hashes the file) and still commits the exact blob, leaving no
+// ingest behind.
+func TestIngestIsolatedContentStore(t *testing.T) {
 	t.Parallel()
-	a, ctx, cs, _ := contentStoreUnderLease(t, WithApplier(ApplierPrepull))
-	if a.runsPods(ctx) {
-		t.Fatal("the harness CRI reports pods running")
+	ctrd, err := harness.StartContainerd(t.Context(), harness.ContainerdOptions{IsolatedContent: true})
+	if err != nil {
+		t.Fatal(err)
 	}
-	a.fileIngestMax = 1 << 20
-	pc := a.pullClient(ctx, "overlayfs")
-	for i, tc := range []struct {
-		name     string
-		pods     bool
-		size     int
-		dataFile bool
-	}{
-		{"no pods, big blob", false, 3 << 20, true},
-		{"pods, small blob", true, 256 << 10, true},
-		{"pods, big blob", true, 3 << 20, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			a.podsRunning.Store(tc.pods)
-			blob, desc, diffID := gzipLayer(t, harness.RandomFiles("/k", 2, tc.size/2, uint64(5150+i)))
-			var refs []string
-			f := fetcherFunc(func(ctx context.Context, d ocispec.Descriptor) (io.ReadCloser, error) {
-				return io.NopCloser(&atEOF{r: bytes.NewReader(blob), fn: func() {
-					sts, _ := cs.ListStatuses(ctx)
-					for _, st := range sts {
-						if strings.Contains(st.Ref, desc.Digest.Encoded()) {
-							refs = append(refs, st.Ref)
-						}
-					}
-				}}), nil
-			})
-			s := &layerStream{a: a, pc: pc, log: zap.NewNop(), ref: "registry.example/team/app:1", snapshotter: "overlayfs",
-				fetcher: f, st: &pullState{}, cs: cs, sn: pc.SnapshotService("overlayfs")}
-			if err := s.layer(ctx, desc, diffID, diffID, ""); err != nil {
-				t.Fatal(err)
-			}
-			if len(refs) != 1 || strings.Contains(refs[0], "-prepull-") != tc.dataFile {
-				t.Errorf("ingests at the stream's end %v; want the data file path: %v", refs, tc.dataFile)
-			}
-			if _, err := cs.Info(ctx, desc.Digest); err != nil {
-				t.Errorf("blob not committed: %v", err)
-			}
-		})
+	t.Cleanup(ctrd.Stop)
+	client, err := ctrd.Client("k8s.io")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	a, err := New(client, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := namespaces.WithNamespace(t.Context(), "k8s.io")
+	ctx, done, err := client.WithLease(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = done(context.WithoutCancel(ctx)) })
+	dir, cs := a.contentDir(ctx), client.ContentStore()
+	if dir == "" {
+		t.Fatal("no content store directory")
+	}
+	blob, desc := randomLayerBlob(2<<20+5, 91, 7)
+	b, err := newIngest(ctx, cs, dir, io.NopCloser(bytes.NewReader(blob)), desc, false, func() {})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.file == nil {
+		t.Fatal("the ingest does not write the data file")
+	}
+	if _, err := io.Copy(io.Discard, b); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.commit(ctx, "registry.example/team/app:1"); err != nil {
+		t.Fatal(err)
+	}
+	if b.linked {
+		t.Error("committed as shared content in an isolated store")
+	}
+	got, err := content.ReadBlob(ctx, cs, desc)
+	if err != nil || !bytes.Equal(got, blob) {
+		t.Fatalf("committed blob: %d bytes, equal %v, %v", len(got), bytes.Equal(got, blob), err)
+	}
+	sts, err := cs.ListStatuses(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sts) > 0 {
+		t.Errorf("ingests left: %v", sts)
 	}
 }
 
@@ -468,7 +511,7 @@ func TestIngestHoldsBlobLockUntilCommit(t *testing.T) {
 		t.Run(end, func(t *testing.T) {
 			blob, desc := randomLayerBlob(300<<10, uint64(80+i), 7)
 			unlocked := 0
-			b, err := newIngest(ctx, cs, dir, io.NopCloser(bytes.NewReader(blob)), desc, func() { unlocked++ })
+			b, err := newIngest(ctx, cs, dir, io.NopCloser(bytes.NewReader(blob)), desc, false, func() { unlocked++ })
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -322,7 +322,7 @@ func (s *layerStream) fetchInto(ctx context.Context, desc ocispec.Descriptor) er
 	if err != nil {
 		return err
 	}
-	b, err := newIngest(ctx, s.cs, s.pc.contentDir, rc, desc, func() {})
+	b, err := newIngest(ctx, s.cs, s.pc.contentDir, rc, desc, false, func() {})
 	if err != nil {
 		rc.Close()
 		if errdefs.IsAlreadyExists(err) {
@@ -499,11 +499,7 @@ func (s *layerStream) apply(ctx context.Context, desc ocispec.Descriptor, mounts
 		if s.a.discard {
 			return onClose{rc, unlock}, nil
 		}
-		dir := s.pc.contentDir
-		if !s.a.ingestToFile(desc.Size) {
-			dir = ""
-		}
-		b, err := newIngest(layerCtx, s.cs, dir, rc, desc, unlock)
+		b, err := newIngest(layerCtx, s.cs, s.pc.contentDir, rc, desc, true, unlock)
 		if errdefs.IsAlreadyExists(err) {
 			// Committed meanwhile by a puller that does not take prepull's
 			// locks (the CRI's own pull): the stream still applies, and the

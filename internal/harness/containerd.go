@@ -68,6 +68,10 @@ type ContainerdOptions struct {
 	Version1 bool
 	// Pods configures the CRI to run pods (containerd 2.x only; see pods.go).
 	Pods PodOptions
+	// IsolatedContent sets the metadata store's content_sharing_policy to
+	// "isolated": a blob in the store is not visible to another namespace
+	// until that namespace writes it (containerd 2.x only).
+	IsolatedContent bool
 }
 
 // Containerd is a running private containerd daemon.
@@ -106,6 +110,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.snapshotter.v1.bt
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "{{.Snapshotter}}"
   discard_unpacked_layers = {{.Discard}}
+{{- if .Isolated}}
+[plugins."io.containerd.metadata.v1.bolt"]
+  content_sharing_policy = "isolated"
+{{- end}}
 {{.Pods}}`))
 
 var configV2 = template.Must(template.New("v2").Parse(`version = 2
@@ -179,8 +187,8 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 	if opts.Version1 {
 		tmpl = configV2
 	}
-	if opts.Version1 && opts.Pods.Runc != "" {
-		return nil, errors.New("harness pods need containerd 2.x (the version 3 configuration)")
+	if opts.Version1 && (opts.Pods.Runc != "" || opts.IsolatedContent) {
+		return nil, errors.New("harness pods and isolated content need containerd 2.x (the version 3 configuration)")
 	}
 	pods, err := opts.Pods.config(c.Dir)
 	if err != nil {
@@ -190,6 +198,7 @@ func StartContainerd(ctx context.Context, opts ContainerdOptions) (*Containerd, 
 	if err := tmpl.Execute(&cfg, map[string]any{
 		"Root": c.Root, "State": c.State, "Address": c.Address, "Dir": c.Dir,
 		"Snapshotter": opts.Snapshotter, "Discard": opts.DiscardUnpackedLayers, "Pods": pods,
+		"Isolated": opts.IsolatedContent,
 	}); err != nil {
 		return nil, err
 	}
