@@ -90,10 +90,12 @@ func openWriter(ctx context.Context, cs content.Ingester, opts ...content.Writer
 
 // newIngest streams rc to its reader and into the content store. unlock runs
 // once the blob is committed or aborted, whichever the caller does next.
-// With readerVerifies the caller commits only once the reader has checked
-// the blob's size and digest (the applier's verifier); else the ingest
-// checks them itself.
-func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.ReadCloser, desc ocispec.Descriptor, readerVerifies bool, unlock func()) (*ingest, error) {
+// streamed says the blob is a layer the applier reads from this stream: the
+// caller commits only once the applier's verifier has checked its size and
+// digest (else the ingest checks them itself), and nothing reads the blob
+// back during the pull, so its data file is written past the page cache
+// (see directWriter).
+func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.ReadCloser, desc ocispec.Descriptor, streamed bool, unlock func()) (*ingest, error) {
 	b := &ingest{
 		r: rc, cs: cs, desc: desc, unlock: sync.OnceFunc(unlock), ctx: context.WithoutCancel(ctx),
 		full: make(chan *[]byte, teeBuffers), free: make(chan *[]byte, teeBuffers), done: make(chan struct{}),
@@ -105,9 +107,12 @@ func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.R
 		}
 		if f != nil {
 			b.ref, b.file, b.dst, b.dataPath, b.contentDir = ref, f, f, f.Name(), contentDir
+			if streamed {
+				b.dst = newDirectWriter(f)
+			}
 			if desc.Digest.Validate() == nil {
 				b.checked = true
-				if !readerVerifies {
+				if !streamed {
 					b.hash = desc.Digest.Algorithm().Hash()
 				}
 			}
@@ -214,6 +219,55 @@ func (b *ingest) write() {
 		}
 		*buf = (*buf)[:0]
 		b.free <- buf
+	}
+}
+
+// directAlign is the alignment O_DIRECT asks of a write's buffer, offset and
+// length on any block device (logical blocks of 512 bytes or 4 KiB).
+const directAlign = 4096
+
+// directWriter writes a file with O_DIRECT while every write is whole
+// aligned blocks from an aligned buffer (the full tee buffers), and through
+// the page cache from the first that is not (the blob's tail), or wherever
+// the file system refuses O_DIRECT. Through the page cache, a blob written
+// on this VM cost ~1.8 CPU seconds per GB in the kernel's copy and the later
+// writeback (3 GB: 5.5 s of system time buffered with an fsync, 0.4 s with
+// O_DIRECT), competing with the applier for the cores; and no one reads a
+// streamed layer's blob back during the pull. The commit's fsync still
+// covers the tail and the file's metadata.
+type directWriter struct {
+	f      *os.File
+	direct bool
+}
+
+func newDirectWriter(f *os.File) *directWriter {
+	d := &directWriter{f: f}
+	fd := f.Fd()
+	if flags, err := unix.FcntlInt(fd, unix.F_GETFL, 0); err == nil {
+		_, err = unix.FcntlInt(fd, unix.F_SETFL, flags|unix.O_DIRECT)
+		d.direct = err == nil
+	}
+	return d
+}
+
+func (d *directWriter) Write(p []byte) (int, error) {
+	if d.direct && (len(p)%directAlign != 0 || uintptr(unsafe.Pointer(unsafe.SliceData(p)))%directAlign != 0) {
+		d.buffered()
+	}
+	n, err := d.f.Write(p)
+	if d.direct && n == 0 && errors.Is(err, unix.EINVAL) {
+		d.buffered()
+		return d.f.Write(p)
+	}
+	return n, err
+}
+
+// buffered turns O_DIRECT off for the rest of the file.
+func (d *directWriter) buffered() {
+	d.direct = false
+	fd := uintptr(d.f.Fd())
+	if flags, err := unix.FcntlInt(fd, unix.F_GETFL, 0); err == nil {
+		_, _ = unix.FcntlInt(fd, unix.F_SETFL, flags&^unix.O_DIRECT)
 	}
 }
 

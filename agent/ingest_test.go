@@ -1,14 +1,19 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 )
 
 // ingester answers Writer with the errors queued, then with a writer.
@@ -57,5 +62,79 @@ func TestOpenWriterGivesUpOnUnreachableContainerd(t *testing.T) {
 	defer cancel()
 	if _, err := openWriter(ctx, f); !errors.Is(err, locked) {
 		t.Errorf("a ref locked past the context's end: %v, want the lock error", err)
+	}
+}
+
+// TestDirectWriterBypassesPageCache: whole aligned blocks from an aligned
+// buffer go to the disk with O_DIRECT (none of their pages stay in the page
+// cache), the tail after them through the page cache, and the file holds
+// exactly what was written. On the disk's file system, as a content store is.
+func TestDirectWriterBypassesPageCache(t *testing.T) {
+	t.Parallel()
+	dir, err := os.MkdirTemp("/var/tmp", "prepull-direct-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	f, err := os.Create(filepath.Join(dir, "data"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := newDirectWriter(f)
+	if !w.direct {
+		t.Fatalf("O_DIRECT refused on %s", dir)
+	}
+	buf := *teePool.Get().(*[]byte)
+	buf = buf[:cap(buf)]
+	var want []byte
+	for i := range 3 {
+		for j := range buf {
+			buf[j] = byte(i*7 + j)
+		}
+		if _, err := w.Write(buf); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, buf...)
+	}
+	if !w.direct {
+		t.Fatal("whole aligned blocks from a tee buffer were not written with O_DIRECT")
+	}
+	tail := []byte("the last, partial block of the blob")
+	if _, err := w.Write(tail); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, tail...)
+	if w.direct {
+		t.Error("a partial block went with O_DIRECT")
+	}
+	got, err := os.ReadFile(f.Name())
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("file holds %d bytes (equal %v), %v; want %d", len(got), bytes.Equal(got, want), err, len(want))
+	}
+	// Read back above, so the pages are cached now: check residency on a fresh write instead.
+	g, err := os.Create(filepath.Join(dir, "fresh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if _, err := newDirectWriter(g).Write(buf); err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(g.Fd()), 0, len(buf), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, len(buf)/os.Getpagesize())
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatal(errno)
+	}
+	resident := 0
+	for _, v := range vec {
+		resident += int(v & 1)
+	}
+	if resident > 0 {
+		t.Errorf("%d of %d pages written with O_DIRECT are in the page cache", resident, len(vec))
 	}
 }
