@@ -21,6 +21,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"github.com/prepull/prepull/internal/directio"
 	"golang.org/x/sys/unix"
 )
 
@@ -222,36 +223,22 @@ func (b *ingest) write() {
 	}
 }
 
-// directAlign is the alignment O_DIRECT asks of a write's buffer, offset and
-// length on any block device (logical blocks of 512 bytes or 4 KiB).
-const directAlign = 4096
-
-// directWriter writes a file with O_DIRECT while every write is whole
-// aligned blocks from an aligned buffer (the full tee buffers), and through
-// the page cache from the first that is not (the blob's tail), or wherever
-// the file system refuses O_DIRECT. Through the page cache, a blob written
-// on this VM cost ~1.8 CPU seconds per GB in the kernel's copy and the later
-// writeback (3 GB: 5.5 s of system time buffered with an fsync, 0.4 s with
-// O_DIRECT), competing with the applier for the cores; and no one reads a
-// streamed layer's blob back during the pull. The commit's fsync still
-// covers the tail and the file's metadata.
+// directWriter writes a file with O_DIRECT while every write fits it (the
+// full tee buffers), and through the page cache from the first that does not
+// (the blob's tail), or wherever the file system refuses O_DIRECT. See
+// package directio: no one reads a streamed layer's blob back during the
+// pull. The commit's fsync covers the tail and the file's metadata.
 type directWriter struct {
 	f      *os.File
 	direct bool
 }
 
 func newDirectWriter(f *os.File) *directWriter {
-	d := &directWriter{f: f}
-	fd := f.Fd()
-	if flags, err := unix.FcntlInt(fd, unix.F_GETFL, 0); err == nil {
-		_, err = unix.FcntlInt(fd, unix.F_SETFL, flags|unix.O_DIRECT)
-		d.direct = err == nil
-	}
-	return d
+	return &directWriter{f: f, direct: directio.Set(f.Fd(), true)}
 }
 
 func (d *directWriter) Write(p []byte) (int, error) {
-	if d.direct && (len(p)%directAlign != 0 || uintptr(unsafe.Pointer(unsafe.SliceData(p)))%directAlign != 0) {
+	if d.direct && !directio.Fits(p) {
 		d.buffered()
 	}
 	n, err := d.f.Write(p)
@@ -265,10 +252,7 @@ func (d *directWriter) Write(p []byte) (int, error) {
 // buffered turns O_DIRECT off for the rest of the file.
 func (d *directWriter) buffered() {
 	d.direct = false
-	fd := uintptr(d.f.Fd())
-	if flags, err := unix.FcntlInt(fd, unix.F_GETFL, 0); err == nil {
-		_, _ = unix.FcntlInt(fd, unix.F_SETFL, flags&^unix.O_DIRECT)
-	}
+	directio.Set(d.f.Fd(), false)
 }
 
 // teePool keeps tee buffers between layers: several stream at once and one

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/core/diff"
@@ -20,6 +21,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"go.uber.org/goleak"
 	"go.uber.org/zap/zaptest"
+	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/types/known/emptypb"
 )
 
@@ -144,7 +146,7 @@ func TestBlob(t *testing.T) {
 			a := New(s, zaptest.NewLogger(t), opts...)
 			var progress []int64
 			var mu sync.Mutex
-			_, mounts := emptyTarget(t)
+			upper, mounts := emptyTarget(t)
 			got, err := a.Apply(t.Context(), desc, mounts, diff.WithProgress(func(_ ocispec.Descriptor, n int64) {
 				mu.Lock()
 				progress = append(progress, n)
@@ -152,6 +154,10 @@ func TestBlob(t *testing.T) {
 			}))
 			if err != nil {
 				t.Fatal(err)
+			}
+			// A file of at least directMin bytes is written past the page cache.
+			if n, total := residentPages(t, filepath.Join(upper, "d/f")); n > 0 {
+				t.Errorf("%d of the %d pages of a 3 MiB file are in the page cache after the apply", n, total)
 			}
 			_, mounts2 := emptyTarget(t)
 			want, err := apply.NewFileSystemApplier(s).Apply(t.Context(), desc, mounts2)
@@ -180,6 +186,33 @@ func TestBlob(t *testing.T) {
 			}
 		})
 	}
+}
+
+// residentPages counts the pages of the file at p that are in the page cache.
+func residentPages(t *testing.T, p string) (resident, total int) {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatal(errno)
+	}
+	for _, v := range vec {
+		resident += int(v & 1)
+	}
+	return resident, len(vec)
 }
 
 // ignoreFinalizers: the runtime's finalizer goroutine, caught while it closes a file some test

@@ -15,6 +15,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/prepull/prepull/internal/directio"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -500,7 +501,7 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 			return fmt.Errorf("create %s: %w", path, err)
 		}
 		fd = ffd
-		if err := x.copyData(fd, tr); err != nil {
+		if err := x.copyData(fd, tr, hdr.Size); err != nil {
 			return fmt.Errorf("write %s: %w", path, err)
 		}
 
@@ -622,15 +623,34 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 	return nil
 }
 
-// copyData writes the entry's bytes in blocks of up to chunkSize. Reading through
-// tar.Reader.Read (never WriteTo) writes sparse entries dense, as containerd does.
-func (x *extractor) copyData(fd int, tr *tar.Reader) error {
+// directMin is the size from which a file's data is written past the page
+// cache (see package directio): the bytes of big files are most of what a
+// layer writes, and nothing reads them back during the pull. Smaller files
+// stay buffered, where the kernel batches their writeback.
+const directMin = 1 << 20
+
+// copyData writes the entry's bytes in blocks of up to chunkSize, with O_DIRECT while
+// they fit it for a file of at least directMin bytes. Reading through tar.Reader.Read
+// (never WriteTo) writes sparse entries dense, as containerd does.
+func (x *extractor) copyData(fd int, tr *tar.Reader, size int64) error {
+	direct := size >= directMin && directio.Set(uintptr(fd), true)
 	for {
 		n, err := io.ReadFull(tr, x.buf.b)
 		for b := x.buf.b[:n]; len(b) > 0; {
+			if direct && !directio.Fits(b) {
+				// The tail (or a short write before it): through the page cache.
+				direct = !directio.Set(uintptr(fd), false)
+			}
 			w, werr := unix.Write(fd, b)
 			if werr == unix.EINTR {
 				continue
+			}
+			if werr == unix.EINVAL && direct {
+				// The file system refuses O_DIRECT after all.
+				direct = !directio.Set(uintptr(fd), false)
+				if !direct {
+					continue
+				}
 			}
 			if werr != nil {
 				return werr
