@@ -45,9 +45,6 @@ type ingest struct {
 	// hash, when set, hashes what is written to the data file: for a blob
 	// no reader verifies (fetched ahead), so the commit can check it.
 	hash hash.Hash
-	// checked: the blob's digest is checked before the commit (by the
-	// reader, or with hash), so the data file can be linked as it is.
-	checked bool
 	// linked: the commit linked the data file into the store's blobs.
 	linked bool
 	cs     content.Store
@@ -111,11 +108,8 @@ func newIngest(ctx context.Context, cs content.Store, contentDir string, rc io.R
 			if streamed {
 				b.dst = newDirectWriter(f)
 			}
-			if desc.Digest.Validate() == nil {
-				b.checked = true
-				if !streamed {
-					b.hash = desc.Digest.Algorithm().Hash()
-				}
+			if !streamed && desc.Digest.Validate() == nil {
+				b.hash = desc.Digest.Algorithm().Hash()
 			}
 		}
 	}
@@ -350,7 +344,9 @@ func (b *ingest) commit(ctx context.Context, ref string) error {
 				return fmt.Errorf("blob %s: the registry sent content with digest %s: %w", b.desc.Digest, got, errdefs.ErrFailedPrecondition)
 			}
 		}
-		if b.checked {
+		if b.desc.Digest.Validate() == nil {
+			// Checked before this commit: by the applier's verifier (a
+			// streamed layer) or with hash above.
 			done, err := b.commitLinked(ctx)
 			if err != nil {
 				return fmt.Errorf("commit blob %s: %w", b.desc.Digest, err)
@@ -413,7 +409,7 @@ func (b *ingest) commitLinked(ctx context.Context) (bool, error) {
 	if err := f.Sync(); err != nil {
 		return false, fmt.Errorf("sync failed: %w", err)
 	}
-	enableVerity(f)
+	enableVerity(f, fi)
 	now := time.Now()
 	if err := os.Chtimes(b.dataPath, now, now); err != nil {
 		return false, err
@@ -466,10 +462,9 @@ func (b *ingest) commitLinked(ctx context.Context) (bool, error) {
 
 // enableVerity turns on fs-verity for f where the file system supports it,
 // as containerd's local store does for each blob it commits there.
-func enableVerity(f *os.File) {
+func enableVerity(f *os.File, fi os.FileInfo) {
 	blockSize := os.Getpagesize() // the page size or the file system's block, as containerd picks
-	var st unix.Stat_t
-	if unix.Fstat(int(f.Fd()), &st) == nil && st.Blksize > 0 && int(st.Blksize) < blockSize {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Blksize > 0 && int(st.Blksize) < blockSize {
 		blockSize = int(st.Blksize)
 	}
 	arg := unix.FsverityEnableArg{Version: 1, Hash_algorithm: unix.FS_VERITY_HASH_ALG_SHA256, Block_size: uint32(blockSize)}

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
-	"unsafe"
 
+	"github.com/prepull/prepull/internal/harness"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
@@ -166,25 +166,14 @@ func TestFadviseFillsPageCache(t *testing.T) {
 	}
 }
 
+// resident is the bytes of the first size bytes of f in the page cache.
 func resident(t *testing.T, f *os.File, size int) int {
 	t.Helper()
-	m, err := unix.Mmap(int(f.Fd()), 0, size, unix.PROT_READ, unix.MAP_SHARED)
+	n, _, err := harness.ResidentPages(f, size)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("mincore: %v", err)
 	}
-	defer unix.Munmap(m)
-	page := os.Getpagesize()
-	vec := make([]byte, (size+page-1)/page)
-	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
-		t.Fatalf("mincore: %v", errno)
-	}
-	n := 0
-	for _, v := range vec {
-		if v&1 != 0 {
-			n += page
-		}
-	}
-	return n
+	return n * os.Getpagesize()
 }
 
 // TestMemoryBounded checks that the heap a warm-up allocates does not grow with the size of the
