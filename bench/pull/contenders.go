@@ -136,11 +136,14 @@ func (b *bench) ideal(ctx context.Context) (row, error) {
 	name := fmt.Sprintf("ideal: igzip|tar ×%d + sync", nproc())
 	step("%s", name)
 	r := row{Name: name}
-	out, err := os.MkdirTemp(b.cfg.work, "ideal-")
+	out, err := os.MkdirTemp("", "ideal-") // where the containerd roots are
 	if err != nil {
 		return r, err
 	}
-	defer os.RemoveAll(out)
+	defer func() {
+		os.RemoveAll(out)
+		b.scratch.trim()
+	}()
 	if err := dropCaches(); err != nil {
 		return r, err
 	}

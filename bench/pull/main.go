@@ -49,6 +49,9 @@ type config struct {
 	// bigLast lists the big image last (every contender gets that order), to
 	// measure prepull's --order size against the manifest's order.
 	bigLast bool
+	// fs is the file system the containerd roots live on: ext4 or xfs (a
+	// fresh one on a loop device, see scratchFS) or host (os.TempDir's).
+	fs string
 }
 
 // variant is a named set of prepull flags.
@@ -100,6 +103,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&capVariants, "cap-variants", defaultCapVariants, "prepull variants for the capped link")
 	fs.Float64Var(&cfg.capRate, "cap-rate", 40, "capped link: MiB/s per TCP connection")
 	fs.DurationVar(&cfg.capLatency, "cap-latency", 3*time.Millisecond, "capped link: one-way latency")
+	fs.StringVar(&cfg.fs, "fs", "ext4", "file system for the containerd roots and the ideal's output: ext4 or xfs (fresh, on a loop device in -work), or host (os.TempDir's as it is)")
 	fs.BoolVar(&cfg.bigLast, "big-last", false, "list the big single-layer image last instead of first (measures --order)")
 	fs.IntVar(&cfg.repeat, "repeat", 2, "cold runs per contender; the table keeps the fastest (least disturbed by other load)")
 	fs.Float64Var(&scale, "scale", 1, "scale the big layers (for quick trials; < 1 breaks the ≥ 600 MiB rule)")
@@ -155,12 +159,14 @@ type bench struct {
 	cfg    config
 	logDir string
 	reg    *harness.Registry
-	set    *imageSet
-	rows   []row
-	capped []row
-	rerun  *row
-	proxy  *cappedProxy
-	facts  []string
+	// scratch holds the containerd roots unless -fs host.
+	scratch *scratchFS
+	set     *imageSet
+	rows    []row
+	capped  []row
+	rerun   *row
+	proxy   *cappedProxy
+	facts   []string
 }
 
 func (b *bench) run(ctx context.Context) error {
@@ -185,7 +191,18 @@ func (b *bench) run(ctx context.Context) error {
 	if err := checkRangeRequests(ctx, b.reg.URL(), set.Big()); err != nil {
 		return err
 	}
+	if b.cfg.fs != "host" {
+		if b.scratch, err = newScratchFS(ctx, b.cfg.work, b.cfg.fs); err != nil {
+			return err
+		}
+		defer b.scratch.close()
+		// Every containerd root (harness) and the ideal's output (os.MkdirTemp).
+		os.Setenv("TMPDIR", b.scratch.dir)
+	}
 	b.facts = machineFacts(b.cfg)
+	if b.scratch != nil {
+		b.facts = append(b.facts, b.scratch.describe())
+	}
 	if err := b.phases(ctx); err != nil {
 		return err
 	}

@@ -58,6 +58,9 @@ func (b *bench) cold(ctx context.Context, name string, env []string, pull pullFu
 		if err != nil {
 			return r, err
 		}
+		if err := b.scratch.trim(); err != nil {
+			return r, err
+		}
 		if b.cfg.repeat > 1 {
 			fmt.Fprintf(os.Stderr, "    try %d: wall %.1fs\n", i+1, r.Wall.Seconds())
 		}
