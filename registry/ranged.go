@@ -7,7 +7,6 @@ import (
 	"io"
 	"math"
 	"net/http"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,14 +25,13 @@ const (
 	// capped-link bench 14.2 s instead of 11.4 s.)
 	DefaultChunkSize = 2 << 20
 	// DefaultFetchBuffer is the memory shared by all ranged fetches of a
-	// process: 8 chunks in flight or fetched ahead of their reader while
-	// one blob is read, 4 while several are (Ranged.lendable). A chunk
+	// process: 8 chunks in flight or fetched ahead of their reader. A chunk
 	// holds its buffer from its request until the reader has consumed it
 	// (round trip + 50 ms on the wire at 40 MiB/s + ~16 ms of apply), so the
 	// pool bounds the rate at pool / that cycle: ~110 MiB/s with 8 MiB
 	// (below prepull's apply rate of the bench's big layer, ~140 MiB/s of
-	// gzip) and ~220 MiB/s with 16 MiB. On the capped-link bench: 5.4-5.6 s
-	// against 7.2-7.3 s, peak RSS 53 against 45 MiB.
+	// gzip) and ~220 MiB/s with 16 MiB. On the capped-link bench: 5.9 s
+	// against 7.2 s, peak RSS 53 against 45 MiB.
 	DefaultFetchBuffer = 16 << 20
 	// MinChunkSize is the smallest chunk NewRanged accepts.
 	MinChunkSize = 64 << 10
@@ -318,19 +316,6 @@ func (b *rangedBody) chunkRead() {
 	go b.schedule()
 }
 
-// lendable is how many of the pool's buffers fetch ahead at most: all of
-// them while one blob is being read (its fetch-ahead is then all that
-// bounds its rate on a slow link, and nothing else of the pull holds
-// memory), half while several are (each pull's applies, tees and HTTP
-// buffers then add up: on the heavy bench set a full 16 MiB pool took the
-// peak RSS to 69 MiB).
-func (r *Ranged) lendable() int {
-	if r.streams.Load() > 1 {
-		return r.pool.n / 2
-	}
-	return r.pool.n
-}
-
 // bounds returns chunk i's first byte and its length.
 func (b *rangedBody) bounds(i int) (int64, int64) {
 	first := int64(i) * b.r.chunk
@@ -353,7 +338,7 @@ func (b *rangedBody) schedule() {
 		case <-b.partsCtx.Done():
 			return
 		}
-		buf, err := b.r.pool.get(b.partsCtx, b.r.lendable)
+		buf, err := b.r.pool.get(b.partsCtx)
 		if err != nil {
 			<-b.slots
 			return
@@ -362,7 +347,7 @@ func (b *rangedBody) schedule() {
 		i := b.sched
 		if i >= b.n || b.broken || b.partsCtx.Err() != nil {
 			b.mu.Unlock()
-			b.r.pool.put(buf, b.r.lendable())
+			b.r.pool.put(buf)
 			<-b.slots
 			return
 		}
@@ -641,7 +626,7 @@ func (b *rangedBody) closeDirect() {
 // release gives a part's buffer back to the pool and its slot to the
 // scheduler.
 func (b *rangedBody) release(p *part) {
-	b.r.pool.put(p.buf, b.r.lendable())
+	b.r.pool.put(p.buf)
 	<-b.slots
 }
 
@@ -680,64 +665,44 @@ func (b *rangedBody) Close() error {
 // kept for reuse. Waiters are served in turn.
 type chunkPool struct {
 	size int64
-	n    int // buffers at most
+	sem  chan struct{}
 
-	mu      sync.Mutex
-	changed chan struct{} // closed (and replaced) when a buffer is put back
-	free    [][]byte
-	inUse   int
-	peak    int
+	mu    sync.Mutex
+	free  [][]byte
+	inUse int
+	peak  int
 }
 
 func newChunkPool(n int, size int64) *chunkPool {
-	return &chunkPool{size: size, n: n, changed: make(chan struct{})}
+	return &chunkPool{size: size, sem: make(chan struct{}, n)}
 }
 
-// get returns a buffer once fewer than limit() buffers (and fewer than
-// the pool's) are in use; limit is asked again after every put.
-func (p *chunkPool) get(ctx context.Context, limit func() int) ([]byte, error) {
-	for {
-		p.mu.Lock()
-		if p.inUse < min(p.n, max(1, limit())) {
-			p.inUse++
-			p.peak = max(p.peak, p.inUse)
-			var b []byte
-			if k := len(p.free); k > 0 {
-				b, p.free = p.free[k-1], p.free[:k-1]
-			}
-			p.mu.Unlock()
-			if b == nil {
-				b = make([]byte, p.size)
-			}
-			return b, nil
-		}
-		changed := p.changed
-		p.mu.Unlock()
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+func (p *chunkPool) get(ctx context.Context) ([]byte, error) {
+	select {
+	case p.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
-}
-
-// put gives b back. The pool keeps it for reuse while it keeps fewer
-// than keep buffers (in use or free); otherwise b goes back to the
-// runtime and its pages to the OS, so buffers a lone blob needed do not
-// stay resident once several blobs share the pool.
-func (p *chunkPool) put(b []byte, keep int) {
 	p.mu.Lock()
-	p.inUse--
-	kept := p.inUse+len(p.free) < keep
-	if kept {
-		p.free = append(p.free, b[:cap(b)])
+	p.inUse++
+	p.peak = max(p.peak, p.inUse)
+	var b []byte
+	if k := len(p.free); k > 0 {
+		b, p.free = p.free[k-1], p.free[:k-1]
 	}
-	close(p.changed)
-	p.changed = make(chan struct{})
 	p.mu.Unlock()
-	if !kept {
-		debug.FreeOSMemory()
+	if b == nil {
+		b = make([]byte, p.size)
 	}
+	return b, nil
+}
+
+func (p *chunkPool) put(b []byte) {
+	p.mu.Lock()
+	p.free = append(p.free, b[:cap(b)])
+	p.inUse--
+	p.mu.Unlock()
+	<-p.sem
 }
 
 // stats returns the buffers in use now and at most so far.
