@@ -8,11 +8,13 @@ import (
 	"sync"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	"github.com/prepull/prepull/applier"
+	"github.com/prepull/prepull/internal/snapretry"
 )
 
 // Applier modes for WithApplier.
@@ -51,9 +53,6 @@ type pullClient struct {
 }
 
 func (a *Agent) pullClient(ctx context.Context, snapshotter string) pullClient {
-	if a.opts.applier == ApplierContainerd && a.opts.layerObserver == nil {
-		return pullClient{Client: a.client}
-	}
 	a.pulls.mu.Lock()
 	defer a.pulls.mu.Unlock()
 	if c, ok := a.pulls.clients[snapshotter]; ok {
@@ -72,6 +71,17 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClien
 	if !ok {
 		a.log.Warn("applying layers with containerd's applier: the containerd client has no gRPC connection to share")
 		return pullClient{Client: a.client}
+	}
+	services := []containerd.ServicesOpt{containerd.WithSnapshotters(map[string]snapshots.Snapshotter{
+		snapshotter: snapretry.Wrap(a.client.SnapshotService(snapshotter), a.log),
+	})}
+	if a.opts.applier == ApplierContainerd && a.opts.layerObserver == nil {
+		c, err := containerd.NewWithConn(conn, containerd.WithDefaultNamespace(a.opts.namespace), containerd.WithServices(services...))
+		if err != nil {
+			a.log.Warn("pulling without the orphaned-snapshot retry", zap.Error(err))
+			return pullClient{Client: a.client}
+		}
+		return pullClient{Client: c}
 	}
 	useFast := true
 	var opts []applier.FallbackOption
@@ -99,7 +109,7 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClien
 	fast := applier.New(a.client.ContentStore(), a.log, fastOpts...)
 	fb := applier.NewFallback(fast, a.client.DiffService(), a.log, opts...)
 	c, err := containerd.NewWithConn(conn, containerd.WithDefaultNamespace(a.opts.namespace),
-		containerd.WithServices(containerd.WithDiffService(fb)))
+		containerd.WithServices(append(services, containerd.WithDiffService(fb))...))
 	if err != nil {
 		a.log.Warn("applying layers with containerd's applier", zap.Error(fmt.Errorf("client with prepull's applier: %w", err)))
 		return pullClient{Client: a.client}

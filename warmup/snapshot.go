@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/opencontainers/image-spec/identity"
+
+	"github.com/prepull/prepull/internal/snapretry"
 )
 
 // ErrUnsupportedMounts is returned (wrapped) when a snapshotter's mounts do not name plain
@@ -51,7 +53,9 @@ func SnapshotDirs(ctx context.Context, client *containerd.Client, snapshotter st
 	if err != nil {
 		return nil, nil, fmt.Errorf("snapshot dirs %s: lease: %w", img.Name(), err)
 	}
-	sn := client.SnapshotService(snapshotter)
+	// A view draws a snapshot id like a Prepare, so it too can meet a
+	// directory left by a containerd killed mid-create (see snapretry).
+	sn := snapretry.Wrap(client.SnapshotService(snapshotter), nil)
 	key := "prepull-warm-" + randomSuffix()
 	mounts, err := sn.View(lctx, key, chainID)
 	if err != nil {

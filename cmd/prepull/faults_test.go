@@ -816,6 +816,80 @@ func TestFaultContainerdKilledMidPull(t *testing.T) {
 	}
 }
 
+// TestFaultOrphanedSnapshotDirs: containerd killed inside a snapshot's
+// Prepare, after the overlayfs snapshotter renamed the new directory to
+// snapshots/<id> but before its metadata transaction committed, leaves that
+// directory behind while the id goes back to the sequence. After a restart
+// the next Prepare that draws the id fails with "failed to rename ... file
+// exists" (and removes the directory). This is how CI's run of
+// TestFaultContainerdKilledMidPull failed once on containerd 1.7; here the
+// orphans are made by hand so every run takes the path: a pull over three
+// of them must complete.
+func TestFaultOrphanedSnapshotDirs(t *testing.T) {
+	rt := "faults/orphans:1"
+	digest, _ := faultImage(t, env.Pusher, rt, 7500, 64<<10, 64<<10, 64<<10)
+	ref := newProxy(t).Host + "/" + rt
+	for _, mode := range []struct{ name, discard string }{{"unpacker", "false"}, {"streamed", "true"}} {
+		t.Run(mode.name, func(t *testing.T) {
+			ctrd, err := harness.StartContainerd(t.Context(), harness.ContainerdOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(ctrd.Stop)
+			ctrd.Kill()
+			dir := filepath.Join(ctrd.Root, "io.containerd.snapshotter.v1.overlayfs", "snapshots")
+			for id := 1; id <= 3; id++ {
+				if err := os.MkdirAll(filepath.Join(dir, strconv.Itoa(id), "fs"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := ctrd.Restart(t.Context()); err != nil {
+				t.Fatal(err)
+			}
+			c := faultRun(t.Context(), t, ctrd.Address, "", "pull", "--image", ref, "--discard-layers", mode.discard)
+			c.wantCode(0)
+			if n := strings.Count(c.stderr, "left behind by a containerd that stopped"); n != 3 {
+				t.Errorf("%d log lines about an orphaned snapshot directory, want 3:\n%s", n, c.stderr)
+			}
+			faultRun(t.Context(), t, ctrd.Address, "", "verify", "--image", ref).wantCode(0)
+			if recs := records(t, ctrd.Address, digest); len(recs) != 1 {
+				t.Errorf("records by digest: %v", recs)
+			}
+		})
+	}
+	// A warm-up's view draws an id the same way: crash again, leave
+	// directories at the next ids, and warm.
+	t.Run("warm view", func(t *testing.T) {
+		ctrd, err := harness.StartContainerd(t.Context(), harness.ContainerdOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(ctrd.Stop)
+		faultRun(t.Context(), t, ctrd.Address, "", "pull", "--image", ref).wantCode(0)
+		ctrd.Kill()
+		dir := filepath.Join(ctrd.Root, "io.containerd.snapshotter.v1.overlayfs", "snapshots")
+		last := 0
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range entries {
+			if id, err := strconv.Atoi(e.Name()); err == nil && id > last {
+				last = id
+			}
+		}
+		for id := last + 1; id <= last+3; id++ {
+			if err := os.MkdirAll(filepath.Join(dir, strconv.Itoa(id), "fs"), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := ctrd.Restart(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		faultRun(t.Context(), t, ctrd.Address, "", "warm", "--image", ref).wantCode(0)
+	})
+}
+
 // TestFaultSIGTERMMidPull: the run's context is cancelled (SIGTERM) while a
 // layer is being fetched: prepull returns within 5 s, releases its leases,
 // leaves no record, and a re-run completes.
