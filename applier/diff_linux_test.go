@@ -179,6 +179,16 @@ func corpus(t testing.TB) []diffCase {
 			opqE("o"),
 			fileE("o/after", "a", 0o644),
 		)},
+		// In bind mode the opaque walk keeps only what the layer wrote: a parent made
+		// implicitly for "o/implicit/f" goes, with f in it.
+		{name: "opaque-implicit-parent", layer: tarOf(t,
+			fileE("o/implicit/f", "f", 0o644),
+			fileE("o/kept", "k", 0o644),
+			dirE("o/d", 0o755),
+			fileE("o/d/g", "g", 0o644),
+			fileE("o/d/deeper/h", "h", 0o644),
+			opqE("o"),
+		)},
 		{name: "opaque-root", layer: tarOf(t, fileE("first", "f", 0o644), opqE(""), fileE("second", "s", 0o644))},
 		{name: "whiteout-of-own-dir", layer: tarOf(t, dirE("d", 0o755), whE("", "d"))},
 		{name: "invalid-whiteout-dot", layer: tarOf(t, fileE(".wh..", "", 0o644))},

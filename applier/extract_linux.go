@@ -51,7 +51,7 @@ type extractor struct {
 	owned  int // the current entry's parent fd when the cache does not hold it, else -1
 	misses int // parents resolved (tests)
 
-	unpacked   map[string]struct{} // resolved paths written by this layer (bind-mode opaque dirs)
+	unpacked   pathSet // resolved paths written by this layer (bind-mode opaque dirs)
 	opaqueDirs map[string]struct{}
 	dirTimes   []dirTime
 	rootOpaque bool // this Apply set trusted.overlay.opaque on the root itself
@@ -81,7 +81,7 @@ func newExtractor(log *zap.Logger, root int, overlay bool, lowers []lowerDir) *e
 		lowers:     lowers,
 		dirs:       newDirCache(dirCacheSize),
 		owned:      -1,
-		unpacked:   map[string]struct{}{},
+		unpacked:   newPathSet(),
 		opaqueDirs: map[string]struct{}{},
 		buf:        chunkPool.Get().(*chunk),
 	}
@@ -147,7 +147,6 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 		return err
 	}
 	defer x.release()
-	path := filepath.Join(ppath, base)
 
 	if err := validateWhiteout(base); err != nil {
 		return err
@@ -194,7 +193,7 @@ func (x *extractor) entry(hdr *tar.Header, tr *tar.Reader) error {
 	}
 	if !x.overlay {
 		// Only bind-mode opaque directories consult it.
-		x.unpacked[path] = struct{}{}
+		x.unpacked.add(filepath.Join(ppath, base))
 	}
 	return nil
 }
@@ -430,7 +429,7 @@ func (x *extractor) removeNotUnpacked(dfd int, dpath string) error {
 	}
 	for _, n := range names {
 		p := filepath.Join(dpath, n)
-		if _, ok := x.unpacked[p]; !ok {
+		if !x.unpacked.has(p) {
 			if err := removeAll(dfd, n); err != nil {
 				return err
 			}
