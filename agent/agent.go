@@ -323,7 +323,7 @@ func (a *Agent) pull(ctx context.Context, img manifest.Image, snapshotter string
 	}
 	image, err := pc.Pull(ctx, img.Ref, opts...)
 	if err != nil {
-		return explainPullError(err, img)
+		return a.explainPullError(ctx, err, img)
 	}
 	err = a.writeRecords(ctx, img, image, labels, before, res)
 	if err != nil {
@@ -461,7 +461,7 @@ func (a *Agent) platformMatcher(img manifest.Image) platforms.MatchComparer {
 }
 
 // explainPullError makes the common failures say what to do.
-func explainPullError(err error, img manifest.Image) error {
+func (a *Agent) explainPullError(ctx context.Context, err error, img manifest.Image) error {
 	if errdefs.IsNotFound(err) && strings.Contains(err.Error(), "no match for platform") {
 		want := img.Platform
 		if want == "" {
@@ -469,7 +469,33 @@ func explainPullError(err error, img manifest.Image) error {
 		}
 		return fmt.Errorf("image has no manifest for platform %s: %w", want, err)
 	}
+	if !errdefs.IsUnavailable(err) && a.containerdGone(ctx) {
+		return fmt.Errorf("%w: %w", ErrContainerdUnavailable, err)
+	}
 	return wrapUnavailable(err)
+}
+
+// goneProbe bounds containerdGone's wait for the daemon.
+const goneProbe = 2 * time.Second
+
+// containerdGone asks containerd's health service whether the daemon still
+// answers, for a failed pull whose error does not say. A content write
+// whose stream broke as containerd died comes back as "failed to send
+// write: EOF" (gRPC hides the status behind io.EOF on a send); the run
+// must still end with exit 3 and "containerd unreachable" (CI's 1.7 run of
+// TestFaultContainerdKilledMidPull once ended with exit 1 on it). A
+// cancelled run is not a daemon gone.
+func (a *Agent) containerdGone(ctx context.Context) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	pctx, cancel := context.WithTimeout(ctx, goneProbe)
+	defer cancel()
+	ok, err := a.client.IsServing(pctx)
+	if ctx.Err() != nil {
+		return false
+	}
+	return err != nil || !ok
 }
 
 // wrapUnavailable marks errors that mean the daemon went away.

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -272,5 +273,45 @@ func TestValidateRejectsBadOptions(t *testing.T) {
 	}
 	if err := Validate(WithConcurrency(8), WithOrder(OrderSize), WithDiscardLayers(true)); err != nil {
 		t.Errorf("Validate rejected good options: %v", err)
+	}
+}
+
+// A failed pull whose error does not say containerd went away (a content
+// write's stream broken by the daemon's death reads "failed to send write:
+// EOF") is marked unreachable when containerd no longer answers, and only
+// then.
+func TestPullErrorNamesContainerdGone(t *testing.T) {
+	t.Parallel()
+	eof := errors.New("failed to copy: failed to send write: EOF")
+	img := manifest.Image{Ref: env.Ref("agent/gone:1")}
+
+	a, _ := newTestAgent(t)
+	if err := a.explainPullError(t.Context(), eof, img); errors.Is(err, ErrContainerdUnavailable) {
+		t.Errorf("containerd answers, but the error says it is unreachable: %v", err)
+	}
+
+	ctrd, err := harness.StartContainerd(t.Context(), harness.ContainerdOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ctrd.Stop)
+	client, err := ctrd.Client("k8s.io")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	b, err := New(client, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrd.Kill()
+	err = b.explainPullError(t.Context(), eof, img)
+	if !errors.Is(err, ErrContainerdUnavailable) || !errors.Is(err, eof) {
+		t.Errorf("containerd killed: %v, want %v wrapping the pull's error", err, ErrContainerdUnavailable)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := b.explainPullError(ctx, eof, img); errors.Is(err, ErrContainerdUnavailable) {
+		t.Errorf("a cancelled run is not containerd gone: %v", err)
 	}
 }
