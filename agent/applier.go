@@ -72,10 +72,18 @@ func (a *Agent) newPullClient(ctx context.Context, snapshotter string) pullClien
 		a.log.Warn("applying layers with containerd's applier: the containerd client has no gRPC connection to share")
 		return pullClient{Client: a.client}
 	}
-	services := []containerd.ServicesOpt{containerd.WithSnapshotters(map[string]snapshots.Snapshotter{
-		snapshotter: snapretry.Wrap(a.client.SnapshotService(snapshotter), a.log),
-	})}
+	// The client's snapshotters are looked up by name: only the one pulls
+	// name (Snapshotter never returns ""; without a name, no wrapper).
+	var services []containerd.ServicesOpt
+	if snapshotter != "" {
+		services = append(services, containerd.WithSnapshotters(map[string]snapshots.Snapshotter{
+			snapshotter: snapretry.Wrap(a.client.SnapshotService(snapshotter), a.log),
+		}))
+	}
 	if a.opts.applier == ApplierContainerd && a.opts.layerObserver == nil {
+		if len(services) == 0 {
+			return pullClient{Client: a.client}
+		}
 		c, err := containerd.NewWithConn(conn, containerd.WithDefaultNamespace(a.opts.namespace), containerd.WithServices(services...))
 		if err != nil {
 			a.log.Warn("pulling without the orphaned-snapshot retry", zap.Error(err))
