@@ -3,6 +3,7 @@ package applier
 import (
 	"archive/tar"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"os"
@@ -24,6 +25,24 @@ import (
 // A valid VFS capability (v2) granting CAP_NET_BIND_SERVICE: chown clears it, so an applier
 // that sets xattrs before chown loses it.
 const capNetBind = "\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+
+// aclDefault and aclAccess are POSIX ACLs in the kernel's xattr form (version 2, then tag, perm
+// and id per entry, sorted): user::rwx user:1000:rwx group::r-x mask::rwx other::--- and
+// user::rw- user:7:r-- group::r-- mask::r-- other::r-- (mode 0644, the entry says 0640).
+var (
+	aclDefault = aclXattr([][3]uint32{{0x01, 7, 0xffffffff}, {0x02, 7, 1000}, {0x04, 5, 0xffffffff}, {0x10, 7, 0xffffffff}, {0x20, 0, 0xffffffff}})
+	aclAccess  = aclXattr([][3]uint32{{0x01, 6, 0xffffffff}, {0x02, 4, 7}, {0x04, 4, 0xffffffff}, {0x10, 4, 0xffffffff}, {0x20, 4, 0xffffffff}})
+)
+
+func aclXattr(entries [][3]uint32) string {
+	b := binary.LittleEndian.AppendUint32(nil, 2)
+	for _, e := range entries {
+		b = binary.LittleEndian.AppendUint16(b, uint16(e[0]))
+		b = binary.LittleEndian.AppendUint16(b, uint16(e[1]))
+		b = binary.LittleEndian.AppendUint32(b, e[2])
+	}
+	return string(b)
+}
 
 var (
 	t1999 = time.Date(1999, 12, 31, 23, 59, 59, 999999999, time.UTC)
@@ -443,6 +462,28 @@ func symlinkWalkCorpus(t testing.TB) []diffCase {
 			fileE("ol/new", "n", 0o644),
 			opqE("ol"),
 			opqE("o"),
+		)},
+		// A new file skips fchown and fchmod when it already has the entry's owner and mode:
+		// modes the umask strips, a group the parent's setgid gives or not, a parent whose
+		// default ACL decides the mode instead of the umask, an access ACL in the entry.
+		{name: "new-file-owner-mode", layer: tarOf(t,
+			fileE("m644", "x", 0o644),
+			fileE("m666", "x", 0o666),
+			fileE("m777", "x", 0o777),
+			fileE("m000", "x", 0o000),
+			fileE("m1644", "x", 0o1644),
+			fileE("g5", "x", 0o644, owner(0, 5)),
+			fileE("u5", "x", 0o644, owner(5, 0)),
+			dirE("sg", 0o2775, owner(0, 50)),
+			fileE("sg/inherits", "x", 0o644, owner(0, 50)),
+			fileE("sg/root", "x", 0o644, owner(0, 0)),
+			fileE("sg/g7", "x", 0o2755, owner(0, 50)),
+			dirE("acl", 0o755, xattr("system.posix_acl_default", aclDefault)),
+			fileE("acl/m644", "x", 0o644),
+			fileE("acl/m666", "x", 0o666),
+			fileE("acl/m600", "x", 0o600),
+			fileE("acl/m750", "x", 0o750, owner(1000, 0)),
+			fileE("own-acl", "x", 0o640, xattr("system.posix_acl_access", aclAccess)),
 		)},
 		{name: "setuid-chown-order", layer: tarOf(t,
 			fileE("s", "x", 0o6755, owner(1, 1), xattr("security.capability", capNetBind)),

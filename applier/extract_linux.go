@@ -476,6 +476,9 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		}
 	}()
 	isSymlink := false
+	// ownerSet, modeSet: a new regular file already has the entry's owner, or its mode
+	// bits, so fchown or fchmod would be a no-op (see TypeReg).
+	ownerSet, modeSet := false, false
 
 	switch hdr.Typeflag {
 	case tar.TypeDir:
@@ -492,7 +495,11 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		fd = dfd
 
 	case tar.TypeReg, tar.TypeRegA: //nolint:staticcheck // containerd handles TypeRegA too
-		ffd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		// Created with the entry's permission bits, as containerd's os.OpenFile does. When
+		// the umask, the parent's default ACL and its group leave the new file as the entry
+		// wants it, the fchown and fchmod below would change nothing: fstat (no journal
+		// write) says whether to skip them.
+		ffd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode&0o777)
 		if err == unix.EEXIST {
 			return errExists
 		}
@@ -500,6 +507,11 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 			return fmt.Errorf("create %s: %w", path, err)
 		}
 		fd = ffd
+		var st unix.Stat_t
+		if unix.Fstat(fd, &st) == nil {
+			ownerSet = int(st.Uid) == hdr.Uid && int(st.Gid) == hdr.Gid
+			modeSet = st.Mode&0o7777 == mode
+		}
 		if err := x.copyData(fd, tr, hdr.Size); err != nil {
 			return fmt.Errorf("write %s: %w", path, err)
 		}
@@ -548,7 +560,10 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		return unsupported(ReasonEntry, "tar entry %q has type %q", hdr.Name, string(hdr.Typeflag))
 	}
 
-	if fd >= 0 {
+	if ownerSet {
+		// Nothing to clear either: the file has no setuid/setgid bit and no
+		// security.capability yet.
+	} else if fd >= 0 {
 		if err := unix.Fchown(fd, hdr.Uid, hdr.Gid); err != nil {
 			return fmt.Errorf("failed to Lchown %q for UID %d, GID %d: %w", path, hdr.Uid, hdr.Gid, err)
 		}
@@ -561,6 +576,8 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		if !ok {
 			continue
 		}
+		// An xattr (system.posix_acl_access) can change the mode bits: chmod after it.
+		modeSet = false
 		if strings.HasPrefix(key, "trusted.") {
 			// containerd refuses admin attributes from archives and ignores the refusal.
 			x.log.Debug("ignored xattr in archive", zap.String("xattr", key), zap.String("path", path))
@@ -592,6 +609,7 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 	}
 
 	switch {
+	case modeSet:
 	case fd >= 0:
 		if err := unix.Fchmod(fd, mode); err != nil {
 			return fmt.Errorf("chmod %s: %w", path, err)
