@@ -560,15 +560,18 @@ func (x *extractor) create(hdr *tar.Header, tr *tar.Reader, pfd int, ppath, base
 		return unsupported(ReasonEntry, "tar entry %q has type %q", hdr.Name, string(hdr.Typeflag))
 	}
 
-	if ownerSet {
+	var chownErr error
+	switch {
+	case ownerSet:
 		// Nothing to clear either: the file has no setuid/setgid bit and no
 		// security.capability yet.
-	} else if fd >= 0 {
-		if err := unix.Fchown(fd, hdr.Uid, hdr.Gid); err != nil {
-			return fmt.Errorf("failed to Lchown %q for UID %d, GID %d: %w", path, hdr.Uid, hdr.Gid, err)
-		}
-	} else if err := unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return fmt.Errorf("failed to Lchown %q for UID %d, GID %d: %w", path, hdr.Uid, hdr.Gid, err)
+	case fd >= 0:
+		chownErr = unix.Fchown(fd, hdr.Uid, hdr.Gid)
+	default:
+		chownErr = unix.Fchownat(pfd, base, hdr.Uid, hdr.Gid, unix.AT_SYMLINK_NOFOLLOW)
+	}
+	if chownErr != nil {
+		return fmt.Errorf("failed to Lchown %q for UID %d, GID %d: %w", path, hdr.Uid, hdr.Gid, chownErr)
 	}
 
 	for key, value := range hdr.PAXRecords {
